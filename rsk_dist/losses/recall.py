@@ -1,0 +1,218 @@
+"""Recall@k surrogate loss, RS@k (spec §1), exact and memory-bounded.
+
+For query ``q`` and positive ``x``, the surrogate rank ``r_q(x) = 1 + sum_z sigmoid((s_qz -
+s_qx) / tau2)`` sums over all N samples, so the loss touches O(N^2 * P) terms. Autograd
+through that would keep every term; instead :class:`_RecallSurrogateFunction` walks over
+chunks of queries and, when a gradient is wanted, computes the analytic gradient with respect
+to the similarities in the same pass. Extra memory is one chunk of ``chunk x P x N`` terms plus
+the gradient of the similarity rows, whatever N is.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rsk_dist.losses.simix import mixed_similarity
+
+DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
+# Elements of one chunk's (queries x positives x samples) tensor when chunk_size=None: two live
+# tensors of this size (sigmoids and their derivatives) are ~0.5 GB in float32.
+DEFAULT_CHUNK_ELEMENTS = 2**26
+
+
+class _Classes:
+    """Samples grouped by label, to list each query's positives without an N x N mask."""
+
+    def __init__(self, labels: Tensor) -> None:
+        sorted_labels, self.order = torch.sort(labels, stable=True)
+        classes, self.counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.class_of = torch.searchsorted(classes, labels)
+
+    def num_positives(self, samples: Tensor) -> Tensor:
+        return self.counts[self.class_of[samples]] - 1
+
+    def positives(self, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """(C x P) indices of each query's positives and a validity mask; P = largest class - 1.
+        Padding slots point at the query itself and are masked out."""
+        cls = self.class_of[queries]
+        size = self.counts[cls]
+        offsets = torch.arange(int(size.max()), device=queries.device)
+        slot = (self.starts[cls, None] + offsets).clamp(max=self.order.numel() - 1)
+        members = self.order[slot]
+        valid = (offsets < size[:, None]) & (members != queries[:, None])
+        # The query is one of its class members: move the valid ones first, drop one column.
+        front = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :-1]
+        members, valid = members.gather(1, front), valid.gather(1, front)
+        return torch.where(valid, members, queries[:, None]), valid
+
+
+def _chunks(num_positives: Tensor, num_samples: int, chunk_size: int | None) -> Iterator[Tensor]:
+    """Query chunks, largest classes first so that each chunk pads its positives little."""
+    order = torch.argsort(num_positives, descending=True, stable=True)
+    start = 0
+    while start < order.numel():
+        if chunk_size is None:
+            width = int(num_positives[order[start]]) * num_samples
+            size = max(1, DEFAULT_CHUNK_ELEMENTS // max(width, 1))
+        else:
+            size = chunk_size
+        yield order[start : start + size]
+        start += size
+
+
+class _RecallSurrogateFunction(torch.autograd.Function):
+    """Sum of per-query losses of the given similarity rows, divided by ``normalizer``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        sim: Tensor,
+        queries: Tensor,
+        labels: Tensor,
+        ks: tuple[int, ...],
+        tau1: float,
+        tau2: float,
+        rank_includes_query: bool,
+        chunk_size: int | None,
+        normalizer: int,
+    ) -> Tensor:
+        # The loss is almost always differentiated right after it is computed, so the gradient
+        # is built in the same pass over the chunk: recomputing the chunk in backward instead
+        # would double the O(N^2 P) work for the same memory bound.
+        want_grad = ctx.needs_input_grad[0]
+        classes = _Classes(labels)
+        npos = classes.num_positives(queries)
+        has_pos = torch.nonzero(npos > 0).squeeze(1)
+        grad = torch.zeros_like(sim) if want_grad else None
+        kk = torch.tensor(ks, dtype=sim.dtype, device=sim.device)
+        total = sim.new_zeros(())
+        for local in _chunks(npos[has_pos], sim.shape[1], chunk_size):
+            rows = has_pos[local]
+            q = queries[rows]
+            pos, valid = classes.positives(q)
+            s = sim[rows] / tau2
+            diff = s[:, None, :] - s.gather(1, pos)[:, :, None]  # C x P x N: (s_qz - s_qx) / tau2
+            diff.scatter_(2, pos[:, :, None], float("-inf"))  # z != x
+            if not rank_includes_query:
+                diff[torch.arange(q.numel(), device=q.device), :, q] = float("-inf")  # z != q
+            sig = diff.sigmoid_()
+            rank = 1 + sig.sum(2)
+            soft_hits = torch.sigmoid((kk - rank[:, :, None]) / tau1) * valid[:, :, None]
+            hits = soft_hits.sum(1)  # C x K
+            denom = torch.minimum(kk, valid.sum(1, keepdim=True).to(sim.dtype))
+            recall = torch.minimum(hits, kk) / denom
+            total = total + (1 - recall.mean(1)).sum()
+            if grad is None:
+                continue
+            # dL/d rank_qx, the clamp min(k, .) passing gradient only below k.
+            clamp_open = (hits < kk).to(sim.dtype) / denom
+            g_rank = (soft_hits * (1 - soft_hits) * clamp_open[:, None, :]).sum(2)
+            g_rank = g_rank / (tau1 * len(ks) * normalizer * tau2)
+            dsig = sig * sig
+            torch.sub(sig, dsig, out=dsig)  # sigmoid' = s (1 - s); masked terms give 0
+            g_sim = torch.bmm(g_rank[:, None, :], dsig).squeeze(1)  # through s_qz, z != x
+            g_sim.scatter_add_(1, pos, -g_rank * dsig.sum(2))  # through s_qx
+            grad[rows] = g_sim
+        if grad is not None:
+            ctx.save_for_backward(grad)  # freed with the graph, unlike a ctx attribute
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        # The usual grad_output is exactly 1: hand the saved gradient on without an N x N copy.
+        if not bool(grad_output == 1):
+            grad = grad * grad_output
+        return grad, None, None, None, None, None, None, None, None
+
+
+def recall_at_k_surrogate(
+    embeddings: Tensor,
+    labels: Tensor,
+    k: Sequence[int] = DEFAULT_K,
+    tau1: float = 1.0,
+    tau2: float = 0.01,
+    simix: bool = False,
+    rank_includes_query: bool = False,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    queries: Tensor | None = None,
+) -> Tensor:
+    """RS@k of a batch (spec §1), with SiMix virtual samples when ``simix`` (spec §2).
+
+    ``embeddings`` (N x d) are L2-normalised by the caller; ``labels`` are N integers in any
+    order. ``queries`` restricts the sum to those query rows (of the extended batch with SiMix)
+    while still dividing by the number of valid queries in the whole batch: the terms of
+    disjoint query sets then add up to the full loss, which is how workers share the loss.
+    """
+    ks = tuple(int(v) for v in k)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be positive integers, got {tuple(k)}")
+    if embeddings.ndim != 2 or labels.numel() != embeddings.shape[0]:
+        raise ValueError(
+            f"expected embeddings N x d and N labels, got {tuple(embeddings.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    labels = labels.reshape(-1).to(embeddings.device).long()
+    if simix:
+        sim, labels = mixed_similarity(embeddings, labels, generator, rows=queries)
+    else:
+        keys = embeddings if queries is None else embeddings[queries]
+        sim = keys @ embeddings.T
+    classes = _Classes(labels)
+    normalizer = int((classes.num_positives(torch.arange(labels.numel(), device=labels.device)) > 0).sum())
+    if normalizer == 0:
+        raise ValueError(
+            "the batch has no positive pair (every label is unique), so RS@k is undefined: "
+            "sample at least two images per class (a class-balanced sampler does this)"
+        )
+    if queries is None:
+        queries = torch.arange(labels.numel(), device=labels.device)
+    return _RecallSurrogateFunction.apply(
+        sim, queries.to(labels.device), labels, ks, float(tau1), float(tau2),
+        bool(rank_includes_query), chunk_size, normalizer,
+    )
+
+
+class RecallAtKSurrogate(nn.Module):
+    """RS@k as a module, called as ``loss(embeddings, labels, generator=None)``."""
+
+    def __init__(
+        self,
+        k: Sequence[int] = DEFAULT_K,
+        tau1: float = 1.0,
+        tau2: float = 0.01,
+        simix: bool = False,
+        rank_includes_query: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.k = tuple(int(v) for v in k)
+        self.tau1, self.tau2 = float(tau1), float(tau2)
+        self.simix = simix
+        self.rank_includes_query = rank_includes_query
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+        queries: Tensor | None = None,
+    ) -> Tensor:
+        return recall_at_k_surrogate(
+            embeddings, labels, k=self.k, tau1=self.tau1, tau2=self.tau2, simix=self.simix,
+            rank_includes_query=self.rank_includes_query, chunk_size=self.chunk_size,
+            generator=generator, queries=queries,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, tau1={self.tau1}, tau2={self.tau2}, simix={self.simix}, "
+            f"rank_includes_query={self.rank_includes_query}, chunk_size={self.chunk_size}"
+        )

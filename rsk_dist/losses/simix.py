@@ -1,0 +1,103 @@
+"""SiMix: similarity mixup (spec §2).
+
+Every unordered pair {i, j} of same-class real samples adds one virtual sample
+``v = a * e_i + (1 - a) * e_j`` with ``a ~ U(0, 1)``. Pairs are enumerated class by class in
+ascending label order, and within a class by ascending sample index (i < j, lexicographic); the
+weights are drawn in that order with one ``torch.rand`` call on ``generator``. That convention is
+what makes two processes holding the same batch and generator state draw identical weights.
+
+Every sample, real or virtual, is described by a triple ``(i, j, a)``: real sample ``r`` is
+``(r, r, 1)``. Mixing rows of any matrix indexed by real samples is then one formula,
+``a * X[i] + (1 - a) * X[j]``, with no special case for the real part.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """The sparse mixing matrix ``A`` (rows: real then virtual samples) as index/weight triples."""
+
+    first: Tensor  # long, (N_ext,)
+    second: Tensor  # long, (N_ext,)
+    weight: Tensor  # float, (N_ext,): the weight of ``first``
+    labels: Tensor  # long, (N_ext,)
+
+    @property
+    def num_real(self) -> int:
+        return int(self.labels.numel() - self.num_virtual)
+
+    @property
+    def num_virtual(self) -> int:
+        return int((self.first != self.second).sum())
+
+    def rows(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``(A x)[rows]``: mixes rows of ``x`` (indexed by real samples)."""
+        i, j, a = self.first, self.second, self.weight
+        if rows is not None:
+            i, j, a = i[rows], j[rows], a[rows]
+        a = a.to(x.dtype).unsqueeze(1)
+        return a * x[i] + (1 - a) * x[j]
+
+    def columns(self, x: Tensor) -> Tensor:
+        """``x A^T``: mixes columns of ``x`` (indexed by real samples)."""
+        a = self.weight.to(x.dtype)
+        return a * x[:, self.first] + (1 - a) * x[:, self.second]
+
+
+def same_class_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """All unordered same-class pairs ``(i, j)``, ``i < j``, in the order documented above."""
+    labels = labels.reshape(-1)
+    same = labels[:, None] == labels[None, :]
+    i, j = torch.nonzero(torch.triu(same, diagonal=1), as_tuple=True)  # row-major: i, then j
+    order = torch.sort(labels[i], stable=True).indices
+    return i[order], j[order]
+
+
+def mixing(labels: Tensor, generator: torch.Generator | None = None) -> Mixing:
+    """Draws the mixing of one batch. ``generator`` decides the weights (spec §2: seeded, so
+    every worker draws the same ones); its device decides where they are drawn."""
+    labels = labels.reshape(-1).long()
+    n = labels.numel()
+    i, j = same_class_pairs(labels.cpu())
+    rand_device = generator.device if generator is not None else torch.device("cpu")
+    a = torch.rand(i.numel(), generator=generator, dtype=torch.float64, device=rand_device)
+    real = torch.arange(n)
+    first = torch.cat([real, i]).to(labels.device)
+    second = torch.cat([real, j]).to(labels.device)
+    weight = torch.cat([torch.ones(n, dtype=torch.float64), a.cpu()]).to(labels.device)
+    return Mixing(first, second, weight, labels[first])
+
+
+def mix(
+    embeddings: Tensor, labels: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Real samples followed by the virtual ones (not re-normalised), and their labels."""
+    m = mixing(labels.to(embeddings.device), generator)
+    return m.rows(embeddings), m.labels
+
+
+def mixed_similarity(
+    embeddings: Tensor,
+    labels: Tensor,
+    generator: torch.Generator | None = None,
+    rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rows of the extended similarity ``A S A^T`` without embedding any virtual sample.
+
+    ``rows`` selects extended query rows (default: all). Mixing scalar similarities costs
+    O(N_ext * N) on top of one product. Returns the similarity rows and the extended labels.
+    """
+    m = mixing(labels.to(embeddings.device), generator)
+    n_rows = m.labels.numel() if rows is None else rows.numel()
+    if n_rows > embeddings.shape[0]:
+        # Many rows: one N x N product, then mix its rows (O(N_ext * N), no d factor).
+        query_rows = m.rows(embeddings @ embeddings.T, rows)
+    else:
+        # Few rows (a worker's share of queries): mix the embeddings first, N x d work.
+        query_rows = m.rows(embeddings, rows) @ embeddings.T
+    return m.columns(query_rows), m.labels

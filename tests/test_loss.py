@@ -1,0 +1,173 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, recall_at_k_surrogate, simix
+from tests.reference import naive_rsk, naive_simix
+
+
+def batch(labels: list[int], dim: int = 16, seed: int = 0, spread: float = 0.4):
+    """Unit embeddings clustered by label so that ranks and recalls sit away from 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(max(labels) + 1, dim, generator=g, dtype=torch.float64)
+    e = centres[labels] + spread * torch.randn(len(labels), dim, generator=g, dtype=torch.float64)
+    return F.normalize(e, dim=1)
+
+
+# Unsorted labels, classes of unequal size (up to 6), singletons, k beyond every class.
+LABELS = [3, 0, 7, 3, 1, 0, 3, 9, 1, 3, 0, 4, 3, 1, 5, 3, 2, 2, 0, 8]
+CASES = [
+    dict(k=(1, 2, 4, 8, 16), tau1=1.0, tau2=0.01),
+    dict(k=(1, 3, 32), tau1=0.5, tau2=0.05),
+]
+
+
+def grads(fn, emb):
+    emb = emb.clone().requires_grad_()
+    value = fn(emb)
+    (grad,) = torch.autograd.grad(value, emb)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("rank_includes_query", [False, True])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_matches_naive_reference_float64(rank_includes_query, case, chunk_size):
+    emb = batch(LABELS)
+    ref, ref_grad = grads(lambda e: naive_rsk(e, LABELS, rank_includes_query=rank_includes_query, **case), emb)
+    loss = RecallAtKSurrogate(rank_includes_query=rank_includes_query, chunk_size=chunk_size, **case)
+    ours, our_grad = grads(lambda e: loss(e, torch.tensor(LABELS)), emb)
+    assert 0.01 < ref.item() < 0.99, "test batch should not saturate the loss"
+    assert ref_grad.abs().max() > 1e-3, "test batch should give a real gradient"
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(our_grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank_includes_query", [False, True])
+def test_matches_naive_reference_float32(rank_includes_query):
+    emb = batch(LABELS)
+    ref, ref_grad = grads(lambda e: naive_rsk(e, LABELS, rank_includes_query=rank_includes_query), emb)
+    loss = RecallAtKSurrogate(rank_includes_query=rank_includes_query)
+    ours, our_grad = grads(lambda e: loss(e, torch.tensor(LABELS)), emb.float())
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(our_grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("rank_includes_query", [False, True])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_simix_matches_naive_reference(rank_includes_query, dtype, rtol):
+    emb = batch(LABELS, spread=0.5)
+    ref, ref_grad = grads(
+        lambda e: naive_rsk(*naive_simix(e, LABELS, torch.Generator().manual_seed(5)), rank_includes_query=rank_includes_query),
+        emb,
+    )
+    loss = RecallAtKSurrogate(simix=True, rank_includes_query=rank_includes_query, chunk_size=5)
+    ours, our_grad = grads(lambda e: loss(e, torch.tensor(LABELS), generator=torch.Generator().manual_seed(5)), emb.to(dtype))
+    assert ref_grad.abs().max() > 1e-3
+    torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=0)
+    torch.testing.assert_close(our_grad.double(), ref_grad, rtol=rtol, atol=rtol * ref_grad.abs().max().item())
+
+
+def test_simix_flag_equals_explicit_mix():
+    emb = batch(LABELS).requires_grad_()
+    y = torch.tensor(LABELS)
+    a = RecallAtKSurrogate(simix=True)(emb, y, generator=torch.Generator().manual_seed(3))
+    (ga,) = torch.autograd.grad(a, emb)
+    b = RecallAtKSurrogate()(*simix.mix(emb, y, torch.Generator().manual_seed(3)))
+    (gb,) = torch.autograd.grad(b, emb)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-13)
+
+
+def test_simix_adds_one_virtual_sample_per_same_class_pair():
+    y = torch.tensor([2, 2, 2, 2, 5, 5, 5, 5, 9])
+    e, labels = simix.mix(batch(y.tolist()), y, torch.Generator().manual_seed(0))
+    assert e.shape[0] == 9 + 6 + 6
+    assert labels[9:].tolist() == [2] * 6 + [5] * 6
+    # 4096 images in classes of 4 become 10240 samples (spec §2).
+    y = torch.arange(1024).repeat_interleave(4)
+    assert simix.mixing(y).labels.numel() == 10240
+
+
+def test_simix_weights_follow_the_generator():
+    y = torch.tensor([0, 1, 0, 1, 0])
+    m1 = simix.mixing(y, torch.Generator().manual_seed(7))
+    m2 = simix.mixing(y, torch.Generator().manual_seed(7))
+    m3 = simix.mixing(y, torch.Generator().manual_seed(8))
+    assert torch.equal(m1.weight, m2.weight)
+    assert not torch.equal(m1.weight, m3.weight)
+
+
+def test_query_shares_sum_to_the_full_loss():
+    emb = batch(LABELS).requires_grad_()
+    y = torch.tensor(LABELS)
+    for flag in (False, True):
+        n = simix.mixing(y).labels.numel() if flag else len(LABELS)
+        full = recall_at_k_surrogate(emb, y, simix=flag, generator=torch.Generator().manual_seed(1))
+        (g_full,) = torch.autograd.grad(full, emb)
+        parts = [
+            recall_at_k_surrogate(emb, y, simix=flag, generator=torch.Generator().manual_seed(1), queries=q)
+            for q in torch.arange(n).tensor_split(3)
+        ]
+        (g_parts,) = torch.autograd.grad(sum(parts), emb)
+        torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-13)
+
+
+def test_gradcheck_small_case():
+    emb = batch([0, 1, 0, 1, 1, 2, 0], dim=4, spread=0.6).requires_grad_()
+    y = torch.tensor([0, 1, 0, 1, 1, 2, 0])
+    for flag in (False, True):
+        fn = lambda e: recall_at_k_surrogate(e, y, k=(1, 2), tau2=0.1, simix=flag, chunk_size=2,
+                                             generator=torch.Generator().manual_seed(0))
+        assert torch.autograd.gradcheck(fn, (emb,), eps=1e-6, atol=1e-7)
+
+
+def test_no_positive_pair_is_an_error():
+    with pytest.raises(ValueError, match="no positive pair"):
+        RecallAtKSurrogate()(batch([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]))
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="N labels"):
+        RecallAtKSurrogate()(batch([0, 0, 1]), torch.tensor([0, 0]))
+
+
+def test_tight_clusters_match_hand_computed_value():
+    # Classes of 4 collapsed to points: each positive ties with the 2 others (sigmoid(0) = 0.5
+    # each) and beats all negatives, so its rank is 2; R_1 = min(1, 3 sigmoid(-1)),
+    # R_2 = 3 sigmoid(0) / 2.
+    y = torch.arange(8).repeat_interleave(4)
+    tight = batch(y.tolist(), spread=1e-4)
+    expected = 1 - (min(1.0, 3 * torch.sigmoid(torch.tensor(-1.0)).item()) + 0.75) / 2
+    assert RecallAtKSurrogate(k=(1, 2))(tight, y).item() == pytest.approx(expected, abs=1e-3)
+    shuffled = y[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
+    assert RecallAtKSurrogate(k=(1, 2))(tight, shuffled).item() > 0.8
+
+
+def test_backward_scales_with_upstream_gradient_and_retained_graph():
+    emb = batch(LABELS).requires_grad_()
+    loss = RecallAtKSurrogate()(emb, torch.tensor(LABELS))
+    (once,) = torch.autograd.grad(loss, emb, retain_graph=True)
+    (scaled,) = torch.autograd.grad(3 * loss, emb)
+    torch.testing.assert_close(scaled, 3 * once)
+
+
+@pytest.mark.parametrize("name", ["contrastive", "multi_similarity"])
+def test_baselines_come_from_pytorch_metric_learning(name):
+    from pytorch_metric_learning import losses
+
+    loss = MetricLearningLoss(name)
+    emb = batch(LABELS).float().requires_grad_()
+    value = loss(emb, torch.tensor(LABELS))
+    expected = {"contrastive": losses.ContrastiveLoss, "multi_similarity": losses.MultiSimilarityLoss}[name]()
+    assert isinstance(loss.loss, expected.__class__)
+    torch.testing.assert_close(value, expected(emb, torch.tensor(LABELS)))
+    value.backward()
+    assert emb.grad.abs().sum() > 0
+
+
+def test_unknown_baseline_names_the_choices():
+    with pytest.raises(ValueError, match="contrastive"):
+        MetricLearningLoss("arcface_typo")
