@@ -99,20 +99,25 @@ def test_simix_weights_follow_the_generator():
     assert not torch.equal(m1.weight, m3.weight)
 
 
-def test_query_shares_sum_to_the_full_loss():
+@pytest.mark.parametrize("simix_flag", [False, True])
+def test_query_shards_sum_to_the_full_loss(simix_flag):
     emb = batch(LABELS).requires_grad_()
     y = torch.tensor(LABELS)
-    for flag in (False, True):
-        n = simix.mixing(y).labels.numel() if flag else len(LABELS)
-        full = recall_at_k_surrogate(emb, y, simix=flag, generator=torch.Generator().manual_seed(1))
-        (g_full,) = torch.autograd.grad(full, emb)
-        parts = [
-            recall_at_k_surrogate(emb, y, simix=flag, generator=torch.Generator().manual_seed(1), queries=q)
-            for q in torch.arange(n).tensor_split(3)
-        ]
-        (g_parts,) = torch.autograd.grad(sum(parts), emb)
-        torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
-        torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-13)
+    full = recall_at_k_surrogate(emb, y, simix=simix_flag, generator=torch.Generator().manual_seed(1))
+    (g_full,) = torch.autograd.grad(full, emb)
+    parts = [
+        recall_at_k_surrogate(emb, y, simix=simix_flag, generator=torch.Generator().manual_seed(1), query_shard=(i, 3))
+        for i in range(3)
+    ]
+    assert all(p.item() > 0 for p in parts)
+    (g_parts,) = torch.autograd.grad(sum(parts), emb)
+    torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-13)
+
+
+def test_bad_query_shard_is_an_error():
+    with pytest.raises(ValueError, match="query_shard"):
+        recall_at_k_surrogate(batch(LABELS), torch.tensor(LABELS), query_shard=(3, 3))
 
 
 def test_gradcheck_small_case():

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from rsk_dist.losses.simix import mixed_similarity
+from rsk_dist.losses.simix import mixed_similarity, mixing
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
 # Elements of one chunk's (queries x positives x samples) tensor when chunk_size=None: two live
@@ -139,14 +139,15 @@ def recall_at_k_surrogate(
     rank_includes_query: bool = False,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
-    queries: Tensor | None = None,
+    query_shard: tuple[int, int] | None = None,
 ) -> Tensor:
     """RS@k of a batch (spec §1), with SiMix virtual samples when ``simix`` (spec §2).
 
     ``embeddings`` (N x d) are L2-normalised by the caller; ``labels`` are N integers in any
-    order. ``queries`` restricts the sum to those query rows (of the extended batch with SiMix)
-    while still dividing by the number of valid queries in the whole batch: the terms of
-    disjoint query sets then add up to the full loss, which is how workers share the loss.
+    order. ``query_shard=(i, n)`` keeps only the terms of the i-th of n contiguous parts of the
+    queries (of the extended batch with SiMix) while still dividing by the number of valid
+    queries in the whole batch: the n parts add up to the full loss, which is how workers
+    share the loss (spec §4).
     """
     ks = tuple(int(v) for v in k)
     if not ks or min(ks) < 1:
@@ -159,22 +160,29 @@ def recall_at_k_surrogate(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     labels = labels.reshape(-1).to(embeddings.device).long()
-    if simix:
-        sim, labels = mixed_similarity(embeddings, labels, generator, rows=queries)
+    mix = mixing(labels, generator) if simix else None
+    if mix is not None:
+        labels = mix.labels
+    all_queries = torch.arange(labels.numel(), device=labels.device)
+    if query_shard is None:
+        queries = all_queries
     else:
-        keys = embeddings if queries is None else embeddings[queries]
-        sim = keys @ embeddings.T
-    classes = _Classes(labels)
-    normalizer = int((classes.num_positives(torch.arange(labels.numel(), device=labels.device)) > 0).sum())
+        index, count = query_shard
+        if not 0 <= index < count:
+            raise ValueError(f"query_shard must be (index, count) with 0 <= index < count, got {query_shard}")
+        queries = all_queries.tensor_split(count)[index]
+    if mix is not None:
+        sim = mixed_similarity(embeddings, mix, None if query_shard is None else queries)
+    else:
+        sim = (embeddings if query_shard is None else embeddings[queries]) @ embeddings.T
+    normalizer = int((_Classes(labels).num_positives(all_queries) > 0).sum())
     if normalizer == 0:
         raise ValueError(
             "the batch has no positive pair (every label is unique), so RS@k is undefined: "
             "sample at least two images per class (a class-balanced sampler does this)"
         )
-    if queries is None:
-        queries = torch.arange(labels.numel(), device=labels.device)
     return _RecallSurrogateFunction.apply(
-        sim, queries.to(labels.device), labels, ks, float(tau1), float(tau2),
+        sim, queries, labels, ks, float(tau1), float(tau2),
         bool(rank_includes_query), chunk_size, normalizer,
     )
 
@@ -203,12 +211,12 @@ class RecallAtKSurrogate(nn.Module):
         embeddings: Tensor,
         labels: Tensor,
         generator: torch.Generator | None = None,
-        queries: Tensor | None = None,
+        query_shard: tuple[int, int] | None = None,
     ) -> Tensor:
         return recall_at_k_surrogate(
             embeddings, labels, k=self.k, tau1=self.tau1, tau2=self.tau2, simix=self.simix,
             rank_includes_query=self.rank_includes_query, chunk_size=self.chunk_size,
-            generator=generator, queries=queries,
+            generator=generator, query_shard=query_shard,
         )
 
     def extra_repr(self) -> str:

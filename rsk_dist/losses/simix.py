@@ -81,23 +81,17 @@ def mix(
     return m.rows(embeddings), m.labels
 
 
-def mixed_similarity(
-    embeddings: Tensor,
-    labels: Tensor,
-    generator: torch.Generator | None = None,
-    rows: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def mixed_similarity(embeddings: Tensor, mixed: Mixing, rows: Tensor | None = None) -> Tensor:
     """Rows of the extended similarity ``A S A^T`` without embedding any virtual sample.
 
     ``rows`` selects extended query rows (default: all). Mixing scalar similarities costs
-    O(N_ext * N) on top of one product. Returns the similarity rows and the extended labels.
+    O(N_ext * N) on top of one product.
     """
-    m = mixing(labels.to(embeddings.device), generator)
-    n_rows = m.labels.numel() if rows is None else rows.numel()
+    n_rows = mixed.labels.numel() if rows is None else rows.numel()
     if n_rows > embeddings.shape[0]:
         # Many rows: one N x N product, then mix its rows (O(N_ext * N), no d factor).
-        query_rows = m.rows(embeddings @ embeddings.T, rows)
+        query_rows = mixed.rows(embeddings @ embeddings.T, rows)
     else:
         # Few rows (a worker's share of queries): mix the embeddings first, N x d work.
-        query_rows = m.rows(embeddings, rows) @ embeddings.T
-    return m.columns(query_rows), m.labels
+        query_rows = mixed.rows(embeddings, rows) @ embeddings.T
+    return mixed.columns(query_rows)
