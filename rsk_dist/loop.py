@@ -1,0 +1,69 @@
+"""One optimizer step of the global batch, as every worker runs it (spec §3, §4).
+
+The thin loop that wires the components: the sampler picks the worker's shard, the data
+source fetches it, the two-pass step leaves this worker's share of the gradient, the workers'
+shares are summed, and the optimizer steps. The same function runs in a plain process, under
+torch.distributed, and inside Ray Train.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from rsk_dist.distributed import rank_and_world, sum_gradients
+from rsk_dist.engine import LargeBatchStep
+from rsk_dist.sampler import ClassBalancedSampler
+
+Fetch = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+class TensorData:
+    """A data source held in memory: ``fetch(indices) -> (images, labels)``."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images, self.labels = images, labels
+
+    def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        return self.images[indices], self.labels[indices]
+
+
+def train_step(
+    step: LargeBatchStep,
+    optimizer: torch.optim.Optimizer,
+    sampler: ClassBalancedSampler,
+    fetch: Fetch,
+    epoch: int,
+    step_in_epoch: int,
+    group: torch.distributed.ProcessGroup | None = None,
+) -> dict[str, float]:
+    """Runs one step; returns its metrics (loss, images/s, seconds per phase, bytes sent)."""
+    rank, world = rank_and_world(group)
+    t0 = time.perf_counter()
+    images, labels = fetch(sampler.shard(epoch, step_in_epoch, rank, world))
+    t1 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    result = step.step(images, labels, generator=sampler.mixing_generator(epoch, step_in_epoch))
+    t2 = time.perf_counter()
+    grad_bytes = sum_gradients(step.model, group)
+    t3 = time.perf_counter()
+    optimizer.step()
+    t4 = time.perf_counter()
+    loss_stats = getattr(step.loss_fn, "stats", {})
+    comm_s = loss_stats.get("comm_s", 0.0) + (t3 - t2)
+    return {
+        "loss": result.loss,
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_s": sampler.batch_size / (t4 - t0),
+        "data_s": t1 - t0,
+        "embed_s": result.timings["embed_s"],
+        "loss_s": result.timings["loss_s"] - loss_stats.get("comm_s", 0.0),
+        "backward_s": result.timings["backward_s"],
+        "comm_s": comm_s,
+        "step_s": t4 - t0,
+        "bytes_received": loss_stats.get("bytes_received", 0.0) + grad_bytes * (world - 1) / max(world, 1),
+    }

@@ -1,0 +1,82 @@
+"""The deterministic global sampler (spec §4, §5).
+
+A step's global batch is a pure function of (seed, epoch, step): B/m classes, m distinct
+samples each, classes laid out one after another. Worker r of W takes the r-th contiguous 1/W
+of it, so the global batch, and hence training, does not depend on W; and since no state is
+carried between steps, resuming at any (epoch, step) needs no sampler state but the position.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class ClassBalancedSampler:
+    def __init__(
+        self,
+        labels: Sequence[int] | Tensor | np.ndarray,
+        batch_size: int,
+        samples_per_class: int = 4,
+        seed: int = 0,
+    ) -> None:
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+        m = samples_per_class
+        if m < 2:
+            raise ValueError(f"samples_per_class must be >= 2 for RS@k to have positives, got {m}")
+        if batch_size % m:
+            raise ValueError(
+                f"batch_size {batch_size} is not a multiple of samples_per_class {m}: "
+                f"use {batch_size - batch_size % m} or {batch_size + m - batch_size % m}"
+            )
+        order = torch.argsort(labels, stable=True)
+        classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+        members = order.split(counts.tolist())
+        # Only classes with m samples can fill their slots without repeating an image.
+        self.members = [idx for idx in members if idx.numel() >= m]
+        self.classes_per_batch = batch_size // m
+        if len(self.members) < self.classes_per_batch:
+            raise ValueError(
+                f"batch_size {batch_size} needs {self.classes_per_batch} classes with at least "
+                f"{m} samples each, but the data has {len(self.members)}: lower batch_size or "
+                "samples_per_class"
+            )
+        self.batch_size, self.samples_per_class, self.seed = batch_size, m, seed
+        self.num_samples = sum(idx.numel() for idx in self.members)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in which an epoch draws about as many images as the usable data holds."""
+        return max(1, self.num_samples // self.batch_size)
+
+    def _generator(self, epoch: int, step: int, stream: int) -> torch.Generator:
+        # SeedSequence mixes the numbers well: (seed, epoch, step) never collide the way
+        # seed + epoch * C + step would.
+        state = np.random.SeedSequence([self.seed, epoch, step, stream]).generate_state(1, np.uint64)
+        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+    def mixing_generator(self, epoch: int, step: int) -> torch.Generator:
+        """The step's generator for SiMix weights: the same on every worker, as spec §2 needs,
+        and a stream apart from the one that picks the batch."""
+        return self._generator(epoch, step, stream=1)
+
+    def global_batch(self, epoch: int, step: int) -> Tensor:
+        """Dataset indices of the global batch: B/m classes x m samples, class after class."""
+        g = self._generator(epoch, step, stream=0)
+        chosen = torch.randperm(len(self.members), generator=g)[: self.classes_per_batch]
+        m = self.samples_per_class
+        return torch.cat(
+            [self.members[c][torch.randperm(self.members[c].numel(), generator=g)[:m]] for c in chosen.tolist()]
+        )
+
+    def shard(self, epoch: int, step: int, rank: int, world_size: int) -> Tensor:
+        """The contiguous 1/W of the global batch that worker ``rank`` embeds."""
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split into {world_size} equal shards: "
+                "make it a multiple of the number of workers"
+            )
+        per = self.batch_size // world_size
+        return self.global_batch(epoch, step)[rank * per : (rank + 1) * per]

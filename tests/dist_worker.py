@@ -1,0 +1,69 @@
+"""Training used by the distributed tests: importable, so that spawned processes can run it."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from rsk_dist.distributed import GlobalBatchLoss
+from rsk_dist.engine import LargeBatchStep
+from rsk_dist.losses import RecallAtKSurrogate
+from rsk_dist.loop import TensorData, train_step
+from rsk_dist.sampler import ClassBalancedSampler
+
+BATCH = 32
+CONFIGS = [(mode, simix) for mode in ("replicated", "sharded") for simix in (False, True)]
+
+
+class MLP(nn.Module):
+    # No dropout: W workers draw W different dropout streams, which one process cannot replay.
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 8))
+
+    def forward(self, x):
+        return F.normalize(self.body(x), dim=1)
+
+
+def dataset() -> TensorData:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(24).repeat_interleave(6)
+    images = torch.randn(labels.numel(), 12, generator=g) + 0.3 * torch.randn(24, 12, generator=g)[labels]
+    return TensorData(images, labels)
+
+
+def train(mode: str, simix: bool, steps: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Initial and final parameters after ``steps`` SGD steps on the global batches."""
+    torch.manual_seed(0)
+    model = MLP()
+    initial = [p.detach().clone() for p in model.parameters()]
+    data = dataset()
+    sampler = ClassBalancedSampler(data.labels, BATCH, samples_per_class=4, seed=1)
+    loss = GlobalBatchLoss(RecallAtKSurrogate(k=(1, 2, 4), tau2=0.05, simix=simix), mode)
+    step = LargeBatchStep(model, loss, chunk_size=3)
+    # SGD: its update is linear in the gradient, so equal gradients mean equal parameters
+    # (Adam's sign-like first steps would amplify float rounding of near-zero gradients).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for s in range(steps):
+        train_step(step, optimizer, sampler, data, epoch=0, step_in_epoch=s)
+    return initial, [p.detach().clone() for p in model.parameters()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for mode, simix in CONFIGS:
+            _, final = train(mode, simix)
+            torch.save(final, Path(out_dir) / f"rank{rank}_{mode}_{simix}.pt")
+    finally:
+        dist.destroy_process_group()
