@@ -1,0 +1,141 @@
+"""The two-pass large-batch step (spec §3): memory grows with the chunk, not the batch.
+
+Like GradCache, the mechanism is one class whose phases are named methods:
+:meth:`LargeBatchStep.embed` (pass 1, no graph, RNG state saved per chunk),
+:meth:`LargeBatchStep.embedding_gradient` (loss on all embeddings and its gradient) and
+:meth:`LargeBatchStep.backward` (pass 2, each chunk again with its RNG state, backpropagating its
+slice of the cached gradient). The parameter gradient equals one full-batch backward because
+``d loss / d theta = sum_i (d loss / d e_i) (d e_i / d theta)`` and pass 2 replays exactly the
+pass-1 forward of every ``e_i``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rsk_dist.models import warn_if_batchnorm_updates
+
+LossFn = Callable[..., Tensor]
+
+
+@dataclass
+class RngState:
+    cpu: Tensor
+    cuda: Tensor | None
+
+
+@dataclass
+class StepResult:
+    loss: float
+    embeddings: Tensor  # detached, the local batch
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are asynchronous: time their completion
+    return time.perf_counter()
+
+
+def _capture_rng(device: torch.device) -> RngState:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return RngState(torch.get_rng_state(), cuda)
+
+
+@contextlib.contextmanager
+def _replay_rng(state: RngState, device: torch.device) -> Iterator[None]:
+    # fork_rng restores the generators afterwards, so pass 2 leaves them where pass 1 left them.
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state.cpu)
+        if state.cuda is not None:
+            torch.cuda.set_rng_state(state.cuda, device)
+        yield
+
+
+class LargeBatchStep:
+    """One training step over a batch of any size; leaves summed gradients in ``.grad``.
+
+    ``loss_fn`` is called as ``loss_fn(embeddings, labels, generator=generator)`` on all the
+    batch's embeddings (float32); a distributed loss wrapper makes that the global batch.
+    The optimizer step is the caller's, so this works in a plain PyTorch loop.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        chunk_size: int,
+        autocast_dtype: torch.dtype | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if grad_scaler is not None and autocast_dtype != torch.float16:
+            raise ValueError("a GradScaler is for float16 autocast: pass autocast_dtype=torch.float16")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        self.autocast_dtype = autocast_dtype
+        self.grad_scaler = grad_scaler
+        warn_if_batchnorm_updates(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, images: Tensor) -> Tensor:
+        if self.autocast_dtype is None:
+            return self.model(images)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            # The loss runs in float32: bf16 similarities would blur ranks at tau2 = 0.01.
+            return self.model(images).float()
+
+    def embed(self, images: Tensor) -> tuple[Tensor, list[RngState]]:
+        """Pass 1: embeddings of all chunks without a graph, and each chunk's RNG state."""
+        states, outputs = [], []
+        with torch.no_grad():
+            for chunk in images.split(self.chunk_size):
+                states.append(_capture_rng(self.device))
+                outputs.append(self._forward(chunk.to(self.device, non_blocking=True)))
+        return torch.cat(outputs), states
+
+    def embedding_gradient(
+        self, embeddings: Tensor, labels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The loss on all embeddings and its gradient with respect to each of them."""
+        embeddings = embeddings.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = self.loss_fn(embeddings, labels.to(embeddings.device), generator=generator)
+            (grad,) = torch.autograd.grad(loss, embeddings)
+        return loss.detach(), grad
+
+    def backward(self, images: Tensor, grad: Tensor, states: list[RngState]) -> None:
+        """Pass 2: re-run each chunk with its RNG state and backpropagate its cached gradient."""
+        if self.grad_scaler is not None:
+            grad = self.grad_scaler.scale(grad)
+        for chunk, chunk_grad, state in zip(images.split(self.chunk_size), grad.split(self.chunk_size), states):
+            with _replay_rng(state, self.device):
+                out = self._forward(chunk.to(self.device, non_blocking=True))
+            out.backward(chunk_grad)
+
+    def step(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
+    ) -> StepResult:
+        t0 = _clock(self.device)
+        embeddings, states = self.embed(images)
+        t1 = _clock(self.device)
+        loss, grad = self.embedding_gradient(embeddings, labels, generator)
+        t2 = _clock(self.device)
+        self.backward(images, grad, states)
+        t3 = _clock(self.device)
+        return StepResult(
+            loss=float(loss),
+            embeddings=embeddings,
+            timings={"embed_s": t1 - t0, "loss_s": t2 - t1, "backward_s": t3 - t2},
+        )
