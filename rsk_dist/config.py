@@ -1,0 +1,216 @@
+"""Job configuration: typed models loaded from YAML, with ``a.b=c`` overrides.
+
+Every section forbids unknown keys, so a misspelt key fails with its dotted path before any
+worker starts. Credentials are never fields: storage reads them from the environment (AWS_*
+variables or profiles), so no saved config or checkpoint can carry a secret.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rsk_dist.models import MODEL_NAMES
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    name: Literal[MODEL_NAMES] = "small_cnn"  # type: ignore[valid-type]
+    dim: int = Field(512, ge=2)
+    pooling: Literal["avg", "gem", "cls"] | None = None
+    pretrained: bool | str = False  # True: torchvision's download; a path: a local state dict
+    in_channels: int = Field(3, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze_bn: bool = True
+
+
+class LossConfig(Section):
+    name: Literal["rsk", "contrastive", "multi_similarity"] = "rsk"
+    k: tuple[int, ...] = (1, 2, 4, 8, 16)
+    tau1: float = Field(1.0, gt=0)
+    tau2: float = Field(0.01, gt=0)
+    simix: bool = False
+    rank_includes_query: bool = False
+    chunk_size: int | None = Field(None, ge=1)  # queries per loss chunk; None: from a memory budget
+    mode: Literal["replicated", "sharded"] = "replicated"  # how workers share the global loss
+    options: dict[str, float | int | bool | str] = {}  # keyword arguments of a baseline loss
+
+    @model_validator(mode="after")
+    def _check(self) -> LossConfig:
+        if self.name != "rsk" and (self.simix or self.mode == "sharded"):
+            raise ValueError("simix and mode='sharded' are RS@k features: set loss.name: rsk")
+        if self.name == "rsk" and self.options:
+            raise ValueError("loss.options are for baseline losses; RS@k takes k, tau1, tau2, simix")
+        if not self.k or min(self.k) < 1:
+            raise ValueError(f"loss.k must be positive integers, got {self.k}")
+        return self
+
+
+class DataSource(Section):
+    """Where images come from: ``shards`` (an ingested dataset at any fsspec URL), ``zip``
+    (an image-folder zip, class = its two top folders), or ``digits`` (scikit-learn's, no
+    download; ``split`` train/test, two thirds/one third per class)."""
+
+    kind: Literal["shards", "zip", "digits"]
+    url: str | None = None
+    split: str | None = None
+    exclude_classes: tuple[str, ...] = ()  # e.g. classes that also occur in the training data
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSource:
+        if self.kind != "digits" and not self.url:
+            raise ValueError(f"a {self.kind!r} data source needs a url")
+        if self.kind == "digits" and self.split not in ("train", "test"):
+            raise ValueError("the digits source needs split: train or split: test")
+        return self
+
+
+class DataConfig(Section):
+    train: DataSource
+    eval: DataSource | None = None
+    image_size: int = Field(28, ge=8)
+    augment: bool = True
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+    prefetch_steps: int = Field(2, ge=0)
+    cache_dir: str | None = None
+
+
+class SamplerConfig(Section):
+    batch_size: int = Field(ge=2)
+    samples_per_class: int = Field(4, ge=2)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplerConfig:
+        if self.batch_size % self.samples_per_class:
+            raise ValueError(
+                f"sampler.batch_size {self.batch_size} is not a multiple of samples_per_class "
+                f"{self.samples_per_class}"
+            )
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(4e-4, ge=0)
+    momentum: float = Field(0.9, ge=0)  # sgd only
+    lr_steps: tuple[int, ...] = ()  # epochs at which the LR is multiplied by lr_gamma
+    lr_gamma: float = Field(0.3, gt=0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the data
+    chunk_size: int = Field(128, ge=1)  # images per forward chunk of the two-pass step
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    eval_every: int = Field(1, ge=1)  # epochs
+    eval_k: tuple[int, ...] = (1, 2, 4, 8)
+    log_every: int = Field(1, ge=1)  # steps
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+
+
+class RunConfig(Section):
+    name: str = Field("rsk-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage_path: str = "file://./runs"  # any fsspec URL: s3://bucket/prefix, gs://..., file://...
+    checkpoint_every: int = Field(1, ge=1)  # epochs
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)  # -1: retry forever
+    resume_from: str | None = None  # a checkpoint URL to start from
+
+
+class JobConfig(Section):
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig
+    sampler: SamplerConfig
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> JobConfig:
+        workers = self.scaling.num_workers
+        if self.sampler.batch_size % workers:
+            raise ValueError(
+                f"sampler.batch_size {self.sampler.batch_size} does not split into "
+                f"{workers} equal worker shards: make it a multiple of scaling.num_workers"
+            )
+        if self.train.autocast != "none" and not self.scaling.use_gpu:
+            raise ValueError("train.autocast is for GPUs: set scaling.use_gpu: true or autocast: none")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the problem."""
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``a.b=c`` strings to (path, value) with the value parsed as YAML (numbers, lists...)."""
+    parsed = []
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"override {item!r} is not of the form a.b=value")
+        parsed.append((path.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key (check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None
+) -> JobConfig:
+    """A validated :class:`JobConfig` from a YAML path (or a dict) plus ``a.b=c`` overrides."""
+    if isinstance(source, dict):
+        tree, name = dict(source), "(dict)"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"job config {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"job config {path} is not valid YAML: {err}") from err
+        name = str(path)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"job config {name} must be a mapping of sections")
+    for dotted, value in parse_overrides(overrides or []):
+        _set_path(tree, dotted, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format(err, name)) from None
+
+
+def dump_config(config: JobConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
