@@ -17,19 +17,7 @@ from rsk_dist.distributed import rank_and_world, sum_gradients
 from rsk_dist.engine import LargeBatchStep
 from rsk_dist.sampler import ClassBalancedSampler
 
-Fetch = Callable[[Tensor], tuple[Tensor, Tensor]]
-
-
-class TensorData:
-    """A data source held in memory: ``fetch(indices) -> (images, labels)``."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-        self.images, self.labels = images, labels
-
-    def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        return self.images[indices], self.labels[indices]
+Fetch = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 
 
 def train_step(
@@ -41,10 +29,12 @@ def train_step(
     step_in_epoch: int,
     group: torch.distributed.ProcessGroup | None = None,
 ) -> dict[str, float]:
-    """Runs one step; returns its metrics (loss, images/s, seconds per phase, bytes sent)."""
+    """Runs one step, ``fetch(indices, augment_key)`` giving the images (a data source, see
+    rsk_dist.data.sources); returns its metrics (loss, images/s, seconds per phase, bytes sent)."""
     rank, world = rank_and_world(group)
+    torch.manual_seed(sampler.worker_seed(epoch, step_in_epoch, rank))
     t0 = time.perf_counter()
-    images, labels = fetch(sampler.shard(epoch, step_in_epoch, rank, world))
+    images, labels = fetch(sampler.shard(epoch, step_in_epoch, rank, world), sampler.augment_key(epoch, step_in_epoch))
     t1 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     result = step.step(images, labels, generator=sampler.mixing_generator(epoch, step_in_epoch))

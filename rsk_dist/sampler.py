@@ -51,11 +51,23 @@ class ClassBalancedSampler:
         """Steps in which an epoch draws about as many images as the usable data holds."""
         return max(1, self.num_samples // self.batch_size)
 
-    def _generator(self, epoch: int, step: int, stream: int) -> torch.Generator:
+    def _seed(self, *keys: int) -> int:
         # SeedSequence mixes the numbers well: (seed, epoch, step) never collide the way
         # seed + epoch * C + step would.
-        state = np.random.SeedSequence([self.seed, epoch, step, stream]).generate_state(1, np.uint64)
-        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        state = np.random.SeedSequence([self.seed, *keys]).generate_state(1, np.uint64)
+        return int(state[0] >> np.uint64(1))
+
+    def _generator(self, epoch: int, step: int, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self._seed(epoch, step, stream))
+
+    def augment_key(self, epoch: int, step: int) -> int:
+        """The step's augmentation key (see rsk_dist.data.sources): the same on every worker."""
+        return self._seed(epoch, step, 3)
+
+    def worker_seed(self, epoch: int, step: int, rank: int) -> int:
+        """Seed of a worker's global RNG for a step (dropout and the like): a resumed step
+        draws what the uninterrupted one drew."""
+        return self._seed(epoch, step, 2, rank)
 
     def mixing_generator(self, epoch: int, step: int) -> torch.Generator:
         """The step's generator for SiMix weights: the same on every worker, as spec §2 needs,

@@ -12,7 +12,8 @@ from torch import nn
 from rsk_dist.distributed import GlobalBatchLoss
 from rsk_dist.engine import LargeBatchStep
 from rsk_dist.losses import RecallAtKSurrogate
-from rsk_dist.loop import TensorData, train_step
+from rsk_dist.data.sources import MemorySource
+from rsk_dist.loop import train_step
 from rsk_dist.sampler import ClassBalancedSampler
 
 BATCH = 32
@@ -29,11 +30,11 @@ class MLP(nn.Module):
         return F.normalize(self.body(x), dim=1)
 
 
-def dataset() -> TensorData:
+def dataset() -> MemorySource:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(24).repeat_interleave(6)
     images = torch.randn(labels.numel(), 12, generator=g) + 0.3 * torch.randn(24, 12, generator=g)[labels]
-    return TensorData(images, labels)
+    return MemorySource(images, labels)
 
 
 def train(mode: str, simix: bool, steps: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -1,14 +1,18 @@
 """Data sources: what the training loop asks of data, and the in-memory ones.
 
-A source has ``labels`` (one per sample, what the sampler draws from) and is called with a
-tensor of sample indices to return ``(images, labels)`` for them, float images N x C x H x W.
-It may also offer ``prefetch(indices)``, a hint that those samples come soon (the streaming
-reader reads them ahead); in-memory sources need none.
+A source has ``labels`` (one per sample, what the sampler draws from) and is called as
+``source(indices, key)`` to return ``(images, labels)`` for those samples, float images
+N x C x H x W. ``key`` is the step's augmentation key: a sample's random augmentation is a
+function of (key, its index) alone, so it is the same whichever worker fetches it and however
+the batch is split, and a resumed step sees what the uninterrupted one saw. A source may also
+offer ``prefetch(indices, key)``, a hint that those samples come soon (the streaming reader
+reads them ahead); in-memory sources need none.
 """
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,16 +24,26 @@ from rsk_dist.data.omniglot import load_digits, load_image_folder_zip
 class Source(Protocol):
     labels: Tensor
 
-    def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]: ...
+    def __call__(self, indices: Tensor, key: int = 0) -> tuple[Tensor, Tensor]: ...
 
 
-def random_shift(images: Tensor, generator: torch.Generator, pad: int) -> Tensor:
-    """Training augmentation for small in-memory images: a random translation by up to
-    ``pad`` pixels (reflect-padded), one offset per image."""
+def sample_hashes(key: int, indices: Tensor) -> np.ndarray:
+    """64 random-looking bits per sample from (key, index): splitmix64 of their combination."""
+    with np.errstate(over="ignore"):
+        x = indices.cpu().numpy().astype(np.uint64) + np.uint64(key % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def random_shift(images: Tensor, hashes: np.ndarray, pad: int) -> Tensor:
+    """Training augmentation for small in-memory images: a translation by up to ``pad``
+    pixels (reflect-padded), each image's offset drawn from its hash."""
     n, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    span = np.uint64(2 * pad + 1)
+    dy = torch.from_numpy((hashes % span).astype(np.int64))
+    dx = torch.from_numpy(((hashes >> np.uint64(32)) % span).astype(np.int64))
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, images.shape[1], h, w + 2 * pad)
     out = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, images.shape[1], h, w)
@@ -37,9 +51,7 @@ def random_shift(images: Tensor, generator: torch.Generator, pad: int) -> Tensor
 
 
 class MemorySource:
-    """Images held in memory. With ``augment_seed`` set, each call shifts the images randomly,
-    the randomness a pure function of the seed and the indices' first element and length, so
-    that a replayed or resumed step sees the same augmentation."""
+    """Images held in memory; with ``augment_seed`` set, training images are randomly shifted."""
 
     def __init__(self, images: Tensor, labels: Tensor, augment_seed: int | None = None) -> None:
         if images.shape[0] != labels.shape[0]:
@@ -47,11 +59,11 @@ class MemorySource:
         self.images, self.labels = images, labels.long()
         self.augment_seed = augment_seed
 
-    def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, indices: Tensor, key: int = 0) -> tuple[Tensor, Tensor]:
         images = self.images[indices]
         if self.augment_seed is not None:
-            key = hash((self.augment_seed, tuple(indices[:8].tolist()), indices.numel())) & (2**62 - 1)
-            images = random_shift(images, torch.Generator().manual_seed(key), pad=max(1, images.shape[-1] // 14))
+            hashes = sample_hashes(key ^ self.augment_seed, indices)
+            images = random_shift(images, hashes, pad=max(1, images.shape[-1] // 14))
         return images, self.labels[indices]
 
     def __len__(self) -> int:

@@ -1,0 +1,68 @@
+"""Checkpoints: the complete training state in one file plus a manifest written last.
+
+A checkpoint directory holds ``state.pt`` and ``manifest.json`` (its size and SHA-256). The
+manifest is written after the state, so a copy interrupted half-way has none, or one that does
+not match, and is refused by :func:`load_state`: it can never be what a resume loads. States are
+read with ``torch.load(weights_only=True)``, because checkpoints read from storage are untrusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE, MANIFEST = "state.pt", "manifest.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_state(directory: str | Path, state: dict[str, Any]) -> None:
+    """Writes ``state`` into a local directory: the state file first, its manifest last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    (directory / STATE).write_bytes(data)
+    manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "epoch": state.get("epoch"), "step": state.get("step")}
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads and verifies a checkpoint directory at any fsspec URL or local path."""
+    from rsk_dist.storage import filesystem
+
+    fs, path = filesystem(str(url))
+    try:
+        manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{url} is not a complete checkpoint (no {MANIFEST}): it was interrupted while being "
+            "written or is not a checkpoint directory; resume from an earlier one"
+        ) from None
+    data = fs.cat_file(posixpath.join(path, STATE))
+    if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise CheckpointError(f"{url}: {STATE} does not match its manifest (truncated or altered)")
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def load_model(url: str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
+    """The embedding model of a checkpoint, in eval mode, and its job config."""
+    from rsk_dist.config import JobConfig
+    from rsk_dist.models import build_model
+
+    state = load_state(url, map_location)
+    config = JobConfig.model_validate(state["config"])
+    m = config.model
+    model = build_model(m.name, dim=m.dim, pooling=m.pooling, pretrained=False, in_channels=m.in_channels,
+                        dropout=m.dropout, freeze_bn=m.freeze_bn)
+    model.load_state_dict(state["model"])
+    return model.eval(), config

@@ -1,0 +1,50 @@
+"""Retrieval evaluation inside a training job (spec §7): each worker embeds its share of the
+test set, the embeddings are gathered, and every worker computes the same metrics."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from rsk_dist.data.sources import Source
+from rsk_dist.distributed import all_gather_rows, rank_and_world
+from rsk_dist.metrics import retrieval_metrics
+
+
+@torch.no_grad()
+def embed_source(
+    model: nn.Module,
+    source: Source,
+    chunk_size: int = 256,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Embeddings and labels of the whole source, each worker embedding a contiguous 1/W."""
+    rank, world = rank_and_world(group)
+    n = source.labels.numel()
+    per = -(-n // world)  # all_gather needs equal shares: the last worker pads with index 0
+    mine = torch.arange(rank * per, (rank + 1) * per)
+    valid = mine < n
+    mine = torch.where(valid, mine, torch.zeros_like(mine))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [model(source(idx)[0].to(device)).float() for idx in mine.split(chunk_size)]
+    finally:
+        model.train(was_training)
+    emb = torch.cat(parts) if parts else torch.empty(0, device=device)
+    if world > 1:
+        emb = all_gather_rows(emb, group)
+    return emb[:n], source.labels[:n].to(emb.device)
+
+
+def evaluate(
+    model: nn.Module,
+    source: Source,
+    ks: tuple[int, ...] = (1, 2, 4, 8),
+    chunk_size: int = 256,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, float]:
+    """Recall@k, MAP@R and R-precision of ``model`` on ``source`` (query excluded)."""
+    emb, labels = embed_source(model, source, chunk_size, group)
+    return retrieval_metrics(emb, labels, ks=ks)

@@ -1,0 +1,224 @@
+"""Training jobs on Ray Train: the config builds the components, and every worker runs the
+shared step of :mod:`rsk_dist.loop` on its shard of each global batch (spec §4).
+
+A step is a pure function of the state and (seed, epoch, step): the sampler, the SiMix weights,
+the augmentation and each worker's RNG are all derived from them. So a job that resumes from a
+checkpoint, after a lost worker, a killed driver or ``--resume-from``, continues exactly as the
+uninterrupted job would have.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from rsk_dist.checkpoint import load_state, save_state
+from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig
+from rsk_dist.data.sources import MemorySource, Source, digits_split, zip_source
+from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
+from rsk_dist.engine import LargeBatchStep
+from rsk_dist.evaluate import evaluate
+from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate
+from rsk_dist.loop import train_step
+from rsk_dist.models import build_model
+from rsk_dist.sampler import ClassBalancedSampler
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def open_source(spec: DataSource, data: DataConfig, train: bool, seed: int = 0, in_channels: int = 1) -> Source:
+    if spec.kind == "digits":
+        source = digits_split(spec.split or "train")
+    elif spec.kind == "zip":
+        source = zip_source(spec.url, size=data.image_size, exclude_classes=spec.exclude_classes)
+    else:
+        from rsk_dist.data.shards import ShardSource
+
+        return ShardSource(
+            spec.url, split=spec.split, image_size=data.image_size, train=train and data.augment,
+            in_channels=in_channels, on_bad_sample=data.on_bad_sample, cache_dir=data.cache_dir, seed=seed,
+        )
+    if train and data.augment:
+        return MemorySource(source.images, source.labels, augment_seed=seed)
+    return source
+
+
+def build_loss(cfg: LossConfig) -> GlobalBatchLoss:
+    if cfg.name == "rsk":
+        loss: nn.Module = RecallAtKSurrogate(
+            k=cfg.k, tau1=cfg.tau1, tau2=cfg.tau2, simix=cfg.simix,
+            rank_includes_query=cfg.rank_includes_query, chunk_size=cfg.chunk_size,
+        )
+    else:
+        loss = MetricLearningLoss(cfg.name, **cfg.options)
+    return GlobalBatchLoss(loss, cfg.mode)
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        optimizer = cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Stepped once per epoch: lr_steps are epochs, as in the paper's schedules.
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_steps), cfg.lr_gamma)
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Trainer:
+    """The components of one worker's training, and its loop. Runs with or without Ray:
+    ``report(metrics, state_or_None)`` is how it hands out metrics and checkpoint states."""
+
+    def __init__(self, config: JobConfig, device: torch.device, state: dict[str, Any] | None = None) -> None:
+        self.config, self.device = config, device
+        c = config
+        torch.manual_seed(c.sampler.seed)  # the same initial weights on every worker
+        self.model = build_model(
+            c.model.name, dim=c.model.dim, pooling=c.model.pooling, pretrained=c.model.pretrained,
+            in_channels=c.model.in_channels, dropout=c.model.dropout, freeze_bn=c.model.freeze_bn,
+        ).to(device)
+        self.loss = build_loss(c.loss)
+        self.optimizer, self.scheduler = build_optimizer(c.optim, self.model)
+        self.train_data = open_source(c.data.train, c.data, train=True, seed=c.sampler.seed, in_channels=c.model.in_channels)
+        self.eval_data = (
+            open_source(c.data.eval, c.data, train=False, in_channels=c.model.in_channels) if c.data.eval else None
+        )
+        self.sampler = ClassBalancedSampler(self.train_data.labels, c.sampler.batch_size, c.sampler.samples_per_class, c.sampler.seed)
+        self.steps_per_epoch = c.train.steps_per_epoch or self.sampler.steps_per_epoch
+        scaler = torch.amp.GradScaler(device.type) if c.train.autocast == "fp16" else None
+        self.step = LargeBatchStep(self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler)
+        self.epoch, self.history, self.best = 0, [], -math.inf
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": 0,
+            "history": self.history, "best": self.best, "config": self.config.model_dump(mode="json"),
+        }
+
+    def run(self, report) -> None:
+        c = self.config
+        rank, _ = rank_and_world()
+        total = c.train.epochs * self.steps_per_epoch
+        started = time.perf_counter()
+        done_at_start = self.epoch * self.steps_per_epoch
+        while self.epoch < c.train.epochs:
+            for s in range(self.steps_per_epoch):
+                metrics = self._step(s)
+                done = self.epoch * self.steps_per_epoch + s + 1
+                if (s + 1) % c.train.log_every == 0:
+                    rate = (time.perf_counter() - started) / (done - done_at_start)
+                    if rank == 0:
+                        print(
+                            f"[rsk-dist] epoch {self.epoch + 1}/{c.train.epochs} step {done}/{total} "
+                            f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.0f} img/s "
+                            f"ETA {_eta(rate * (total - done))}", flush=True,
+                        )
+                    report({**metrics, "epoch": self.epoch, "step": done}, None)
+            self.scheduler.step()
+            self.epoch += 1
+            last = self.epoch == c.train.epochs
+            summary: dict[str, Any] = {"epoch": self.epoch, "step": self.epoch * self.steps_per_epoch, "loss": metrics["loss"]}
+            if self.eval_data is not None and (self.epoch % c.train.eval_every == 0 or last):
+                summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size))
+                if rank == 0:
+                    print("[rsk-dist] eval " + " ".join(f"{k} {v:.4f}" for k, v in summary.items() if "@" in k or "precision" in k), flush=True)
+                self.best = max(self.best, summary.get("recall@1", -math.inf))
+            self.history.append(summary)
+            if self.epoch % c.run.checkpoint_every == 0 or last:
+                report(summary, self.state() if rank == 0 else None)
+
+    def _step(self, s: int) -> dict[str, float]:
+        prefetch = getattr(self.train_data, "prefetch", None)
+        if prefetch is not None:
+            rank, world = rank_and_world()
+            for ahead in range(1, self.config.data.prefetch_steps + 1):
+                if s + ahead < self.steps_per_epoch:
+                    prefetch(self.sampler.shard(self.epoch, s + ahead, rank, world), self.sampler.augment_key(self.epoch, s + ahead))
+        return train_step(self.step, self.optimizer, self.sampler, self.train_data, self.epoch, s)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    config = JobConfig.model_validate(loop_config["config"])
+    device = ray.train.torch.get_device()
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_state(directory, map_location=device)
+    elif loop_config.get("resume_from"):
+        state = load_state(loop_config["resume_from"], map_location=device)
+    trainer = Trainer(config, device, state)
+
+    def report(metrics: dict[str, Any], checkpoint_state: dict[str, Any] | None) -> None:
+        if checkpoint_state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_state(directory, checkpoint_state)
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"checkpoint_epoch_{checkpoint_state['epoch']:05d}",
+            )
+
+    trainer.run(report)
+
+
+def fit(config: JobConfig, address: str | None = None, resume_from: str | None = None) -> dict[str, Any]:
+    """Runs the job on a Ray cluster (a local one when ``address`` is None); returns the last
+    reported metrics and the URL of the last checkpoint. Re-running with the same
+    ``run.storage_path`` and ``run.name`` resumes from that run's latest checkpoint."""
+    import pyarrow.fs
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rsk_dist.storage import filesystem, preflight
+
+    for spec in (config.data.train, config.data.eval):
+        if spec is not None and spec.kind == "shards":
+            preflight(spec.url, need_index=True)
+    resume_from = resume_from or config.run.resume_from
+    if resume_from:
+        load_state(resume_from)  # refuse a bad checkpoint before any worker starts
+    preflight(config.run.storage_path, need_index=False)
+    fs, path = filesystem(config.run.storage_path)
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    s = config.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "resume_from": resume_from},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=path,
+            storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return {**(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None}
