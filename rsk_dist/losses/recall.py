@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from rsk_dist.losses.simix import mixed_similarity, mixing
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
-# Elements of one chunk's (queries x positives x samples) tensor when chunk_size=None: two live
-# tensors of this size (sigmoids and their derivatives) are ~0.5 GB in float32.
-DEFAULT_CHUNK_ELEMENTS = 2**26
+# Elements of the one (queries x positives x samples) chunk buffer when chunk_size=None: 16 MB in
+# float32. Larger chunks were slower on CPU (each pass then streams from main memory).
+DEFAULT_CHUNK_ELEMENTS = 2**22
 
 
 class _Classes:
@@ -89,15 +89,20 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         grad = torch.zeros_like(sim) if want_grad else None
         kk = torch.tensor(ks, dtype=sim.dtype, device=sim.device)
         total = sim.new_zeros(())
+        buffer = None
         for local in _chunks(npos[has_pos], sim.shape[1], chunk_size):
             rows = has_pos[local]
             q = queries[rows]
             pos, valid = classes.positives(q)
-            s = sim[rows] / tau2
-            diff = s[:, None, :] - s.gather(1, pos)[:, :, None]  # C x P x N: (s_qz - s_qx) / tau2
-            diff.scatter_(2, pos[:, :, None], float("-inf"))  # z != x
-            if not rank_includes_query:
-                diff[torch.arange(q.numel(), device=q.device), :, q] = float("-inf")  # z != q
+            s = sim.index_select(0, rows) / tau2
+            shape = (q.numel(), pos.shape[1], sim.shape[1])
+            if buffer is None or buffer.numel() < shape[0] * shape[1] * shape[2]:
+                # One buffer reused by every chunk: fresh large tensors cost a page fault per page.
+                buffer = sim.new_empty(shape[0] * shape[1] * shape[2])
+            diff = buffer[: shape[0] * shape[1] * shape[2]].view(shape)
+            torch.sub(s[:, None, :], s.gather(1, pos)[:, :, None], out=diff)  # (s_qz - s_qx) / tau2
+            excluded = pos[:, :, None] if rank_includes_query else torch.stack([pos, q[:, None].expand_as(pos)], 2)
+            diff.scatter_(2, excluded, float("-inf"))  # z != x, and z != q unless it ranks itself
             sig = diff.sigmoid_()
             rank = 1 + sig.sum(2)
             soft_hits = torch.sigmoid((kk - rank[:, :, None]) / tau1) * valid[:, :, None]
@@ -111,11 +116,10 @@ class _RecallSurrogateFunction(torch.autograd.Function):
             clamp_open = (hits < kk).to(sim.dtype) / denom
             g_rank = (soft_hits * (1 - soft_hits) * clamp_open[:, None, :]).sum(2)
             g_rank = g_rank / (tau1 * len(ks) * normalizer * tau2)
-            dsig = sig * sig
-            torch.sub(sig, dsig, out=dsig)  # sigmoid' = s (1 - s); masked terms give 0
+            dsig = sig.addcmul_(sig, sig, value=-1)  # sigmoid' = s - s^2, in place; masked terms give 0
             g_sim = torch.bmm(g_rank[:, None, :], dsig).squeeze(1)  # through s_qz, z != x
             g_sim.scatter_add_(1, pos, -g_rank * dsig.sum(2))  # through s_qx
-            grad[rows] = g_sim
+            grad.index_copy_(0, rows, g_sim)
         if grad is not None:
             ctx.save_for_backward(grad)  # freed with the graph, unlike a ctx attribute
         return total / normalizer
