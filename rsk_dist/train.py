@@ -195,11 +195,11 @@ def fit(config: JobConfig, address: str | None = None, resume_from: str | None =
 
     for spec in (config.data.train, config.data.eval):
         if spec is not None and spec.kind == "shards":
-            preflight(spec.url, need_index=True)
+            preflight(spec.url, need_index=True, split=spec.split)
     resume_from = resume_from or config.run.resume_from
     if resume_from:
         load_state(resume_from)  # refuse a bad checkpoint before any worker starts
-    preflight(config.run.storage_path, need_index=False)
+    preflight(config.run.storage_path, need_index=False, writable=True)
     fs, path = filesystem(config.run.storage_path)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
