@@ -1,0 +1,77 @@
+"""Shared fixtures. Each fixture here is self-contained; append new ones below."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+
+# --------------------------------------------------------------------------- s3 (moto server)
+
+
+@dataclass(frozen=True)
+class MotoS3:
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+
+    def url(self, prefix: str | None = None) -> str:
+        """``s3://bucket/<prefix>``, a fresh unique prefix when none is given."""
+        return f"s3://{self.bucket}/{prefix or 'test-' + uuid.uuid4().hex[:10]}"
+
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-access-key",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key-s3cr3t-VALUE",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+_S3_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[MotoS3]:
+    """A moto S3 server on 127.0.0.1 for the session, the AWS_* environment pointing at it
+    (dummy keys, AWS_ENDPOINT_URL) and one bucket; the environment is restored afterwards."""
+    import logging
+
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in (*_S3_ENV, *_S3_UNSET, "AWS_ENDPOINT_URL")}
+    os.environ.update(_S3_ENV)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    for key in _S3_UNSET:
+        os.environ.pop(key, None)
+    try:
+        import boto3
+
+        bucket = "rsk-test-bucket"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        yield MotoS3(endpoint, bucket, _S3_ENV["AWS_ACCESS_KEY_ID"], _S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
