@@ -1,0 +1,108 @@
+"""RS@k forward+backward: seconds and peak memory growth, ours beside the naive form.
+
+The naive form is how the authors' public code computes the loss: one query at a time, its
+positives x N rank tensor built from repeated similarity rows and an explicit mask, a clamped
+sigmoid, and autograd keeping every intermediate of every query until backward.
+
+    python bench/loss.py [--device cpu|cuda] [--sizes 400 1000 2000 4000] [--naive-max 4000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.measure import in_subprocess, machine, measure, table  # noqa: E402
+from rsk_dist.losses import DEFAULT_K, RecallAtKSurrogate, simix  # noqa: E402
+
+DIM, PER_CLASS = 512, 4
+
+
+def naive_loss(emb: torch.Tensor, labels: torch.Tensor, tau1: float = 1.0, tau2: float = 0.01) -> torch.Tensor:
+    def sigmoid(x: torch.Tensor, temp: float) -> torch.Tensor:
+        return 1.0 / (1.0 + torch.exp(torch.clamp(-x / temp, min=-50, max=50)))
+
+    n = emb.shape[0]
+    sim = emb @ emb.T
+    per_query = []
+    for q in range(n):
+        pos = torch.nonzero((labels == labels[q]) & (torch.arange(n, device=emb.device) != q)).squeeze(1)
+        if pos.numel() == 0:
+            continue
+        p = pos.numel()
+        mask = torch.ones(p, n, device=emb.device)
+        mask[torch.arange(p), pos] = 0
+        mask[:, q] = 0
+        rows = sim[q].repeat(p, 1)
+        diff = rows - sim[q, pos][:, None].repeat(1, n)
+        rank = 1 + (sigmoid(diff, tau2) * mask).sum(1)
+        recalls = [torch.clamp(sigmoid(k - rank, tau1).sum(), max=k) / min(k, p) for k in DEFAULT_K]
+        per_query.append(1 - torch.stack(recalls).mean())
+    return torch.stack(per_query).mean()
+
+
+def run_case(impl: str, n: int, use_simix: bool, device: str) -> dict:
+    torch.manual_seed(0)
+    labels = torch.arange(n // PER_CLASS, device=device).repeat_interleave(PER_CLASS)
+    emb = F.normalize(torch.randn(n, DIM, device=device), dim=1).requires_grad_()
+    ours = RecallAtKSurrogate(simix=use_simix)
+
+    def run() -> None:
+        emb.grad = None
+        g = torch.Generator(device=device).manual_seed(0)
+        if impl == "ours":
+            loss = ours(emb, labels, generator=g)
+        else:
+            loss = naive_loss(*simix.mix(emb, labels, g)) if use_simix else naive_loss(emb, labels)
+        loss.backward()
+
+    return measure(run, device, repeats=1 if impl == "naive" else 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[400, 1000, 2000, 4000])
+    parser.add_argument("--simix-size", type=int, default=4096)
+    parser.add_argument("--naive-max", type=int, default=4000, help="largest N to run the naive form at")
+    parser.add_argument("--case", nargs=4, metavar=("IMPL", "N", "SIMIX", "DEVICE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        impl, n, use_simix, device = args.case
+        print(json.dumps(run_case(impl, int(n), use_simix == "1", device)))
+        return
+
+    cases = [(n, False) for n in args.sizes] + [(args.simix_size, True)]
+    rows = []
+    for n, use_simix in cases:
+        n_ext = simix.mixing(torch.arange(n // PER_CLASS).repeat_interleave(PER_CLASS)).labels.numel() if use_simix else n
+        flag = "1" if use_simix else "0"
+        ours = in_subprocess(__file__, ["ours", str(n), flag, args.device])
+        naive = (
+            in_subprocess(__file__, ["naive", str(n), flag, args.device])
+            if n_ext <= args.naive_max
+            else {"error": "not run (too large)"}
+        )
+        row = [f"{n}" + (f" + SiMix ({n_ext})" if use_simix else "")]
+        for r in (ours, naive):
+            row += [r["error"], "-"] if "error" in r else [f"{r['seconds']:.3f}", f"{r['peak_growth_mb']:.0f}"]
+        if "error" in ours or "error" in naive:
+            row += ["-", "-"]
+        else:
+            row += [f"{naive['seconds'] / ours['seconds']:.1f}x", f"{naive['peak_growth_mb'] / max(ours['peak_growth_mb'], 1):.1f}x"]
+        rows.append(row)
+        print(f"done N={n} simix={use_simix}", file=sys.stderr)
+    print(f"RS@k forward+backward, d={DIM}, {PER_CLASS} per class, device {args.device}: {machine()}\n")
+    print(table(
+        ["N", "ours s", "ours MB", "naive s", "naive MB", "speed-up", "memory ratio"], rows
+    ))
+
+
+if __name__ == "__main__":
+    main()
