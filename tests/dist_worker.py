@@ -68,3 +68,24 @@ def run_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save(final, Path(out_dir) / f"rank{rank}_{mode}_{simix}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def eval_model() -> tuple[nn.Module, MemorySource]:
+    from rsk_dist.data.sources import digits_split
+    from rsk_dist.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("small_cnn", dim=32, in_channels=1), digits_split("test")
+
+
+def run_eval_worker(rank: int, world: int, port: int, out_dir: str, chunk: int) -> None:
+    from rsk_dist.evaluate import embed_source, evaluate
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, source = eval_model()
+        metrics = evaluate(model, source, ks=(1, 2, 4, 8), chunk_size=chunk)
+        emb, labels = embed_source(model, source, chunk_size=chunk)
+        torch.save({"metrics": metrics, "emb": emb, "labels": labels}, Path(out_dir) / f"eval{rank}.pt")
+    finally:
+        dist.destroy_process_group()

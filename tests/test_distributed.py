@@ -22,3 +22,23 @@ def test_workers_match_one_process_on_the_global_batch(world, single_process, tm
             for e, g in zip(expected, got):
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(),
                                            msg=lambda m: f"W={world} {mode} simix={simix} rank {rank}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_evaluation_matches_one_process(world, tmp_path):
+    from rsk_dist.evaluate import embed_source, evaluate
+    from tests.dist_worker import eval_model, run_eval_worker
+
+    model, source = eval_model()
+    n = source.labels.numel()
+    chunk = -(-n // world)  # every worker embeds its share in one chunk, as one process does in W
+    expected = evaluate(model, source, ks=(1, 2, 4, 8), chunk_size=chunk)
+    emb, labels = embed_source(model, source, chunk_size=chunk)
+    mp.spawn(run_eval_worker, args=(world, free_port(), str(tmp_path), chunk), nprocs=world, join=True)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"eval{rank}.pt", weights_only=True)
+        assert got["emb"].shape == (n, 32)
+        torch.testing.assert_close(got["emb"], emb, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got["labels"], labels)
+        assert got["metrics"] == pytest.approx(expected, abs=1e-12)
+    assert 0.1 < expected["recall@1"] < 1

@@ -53,9 +53,11 @@ def test_two_ray_workers_match_one_process(local_ray, tmp_path):
         torch.testing.assert_close(state["model"][name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     moved = sum((state["model"][n] - v).abs().sum() for n, v in Trainer(config, torch.device("cpu")).model.state_dict().items())
     assert moved > 0.1, "training must move the weights for the comparison to mean anything"
-    # Distributed evaluation (each worker embeds half the test set) gives the single-process metrics.
+    # Distributed evaluation (each worker embeds half the test set) of weights equal to 1e-6:
+    # near-ties may flip one of the 602 queries (the exact check, with identical weights, is in
+    # test_distributed.py).
     for key in ("recall@1", "recall@4", "map@r", "r_precision"):
-        assert result[key] == pytest.approx(expected[key], abs=1e-6), key
+        assert result[key] == pytest.approx(expected[key], abs=1.01 / 602), key
 
 
 def test_workers_land_on_both_nodes_of_a_two_node_cluster(tmp_path):
