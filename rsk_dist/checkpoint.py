@@ -23,17 +23,36 @@ class CheckpointError(ValueError):
     pass
 
 
+def _serialise(state: dict[str, Any]) -> tuple[bytes, bytes]:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "epoch": state.get("epoch"), "step": state.get("step")}
+    return data, json.dumps(manifest).encode()
+
+
 def save_state(directory: str | Path, state: dict[str, Any]) -> None:
     """Writes ``state`` into a local directory: the state file first, its manifest last."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
+    data, manifest = _serialise(state)
     (directory / STATE).write_bytes(data)
-    manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                "epoch": state.get("epoch"), "step": state.get("step")}
-    (directory / MANIFEST).write_text(json.dumps(manifest))
+    (directory / MANIFEST).write_bytes(manifest)
+
+
+def publish_state(url: str, state: dict[str, Any]) -> None:
+    """Writes ``state`` as a checkpoint directory at ``url`` (any fsspec URL), replacing one
+    that is there: the old manifest goes first and the new one comes last, so a reader sees
+    the old checkpoint, the new one, or a refused incomplete one, never a mix."""
+    from rsk_dist.storage import atomic_write, filesystem, join
+
+    fs, path = filesystem(url)
+    data, manifest = _serialise(state)
+    if fs.exists(join(path, MANIFEST)):
+        fs.rm_file(join(path, MANIFEST))
+    atomic_write(fs, join(path, STATE), data)
+    atomic_write(fs, join(path, MANIFEST), manifest)
 
 
 def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -6,6 +6,7 @@ variables or profiles), so no saved config or checkpoint can carry a secret.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +211,36 @@ def load_config(
         return JobConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format(err, name)) from None
+
+
+def local_absolute(url: str | None) -> str | None:
+    """A relative local path (``x``, ``./x``, ``file://./x``) made absolute against the current
+    directory: Ray workers run elsewhere, so relative paths must not reach them."""
+    if not url:
+        return url
+    if url.startswith("file://"):
+        rest = url[len("file://"):]
+        return url if rest.startswith("/") else "file://" + os.path.abspath(rest)
+    if "://" in url or url.startswith("/"):
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def absolutize_paths(config: JobConfig) -> JobConfig:
+    """The config with its local data, storage and resume paths absolute (see :func:`local_absolute`)."""
+    data = config.data
+    sources = {
+        name: spec.model_copy(update={"url": local_absolute(spec.url)})
+        for name in ("train", "eval")
+        if (spec := getattr(data, name)) is not None and spec.url
+    }
+    run = config.run.model_copy(update={
+        "storage_path": local_absolute(config.run.storage_path), "resume_from": local_absolute(config.run.resume_from),
+    })
+    updates = {"run": run}
+    if sources or data.cache_dir:
+        updates["data"] = data.model_copy(update={**sources, "cache_dir": local_absolute(data.cache_dir)})
+    return config.model_copy(update=updates)
 
 
 def dump_config(config: JobConfig) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rsk_dist.checkpoint import load_state, save_state
-from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig
+from rsk_dist.checkpoint import load_model, load_state, publish_state, save_state
+from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, local_absolute
 from rsk_dist.data.sources import MemorySource, Source, digits_split, zip_source
 from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
 from rsk_dist.engine import LargeBatchStep
@@ -137,10 +137,22 @@ class Trainer:
                 summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size))
                 if rank == 0:
                     print("[rsk-dist] eval " + " ".join(f"{k} {v:.4f}" for k, v in summary.items() if "@" in k or "precision" in k), flush=True)
-                self.best = max(self.best, summary.get("recall@1", -math.inf))
+                if summary["recall@1"] > self.best:
+                    self.best = summary["recall@1"]
+                    if rank == 0:
+                        self._publish_best(summary)
             self.history.append(summary)
             if self.epoch % c.run.checkpoint_every == 0 or last:
                 report(summary, self.state() if rank == 0 else None)
+
+    def _publish_best(self, metrics: dict[str, Any]) -> None:
+        """The best model by validation Recall@1, at ``<storage_path>/<name>/best``: kept apart
+        from the last K checkpoints that resumption uses."""
+        from rsk_dist.storage import join
+
+        state = {"model": self.model.state_dict(), "config": self.config.model_dump(mode="json"),
+                 "epoch": self.epoch, "step": 0, "metrics": metrics}
+        publish_state(join(self.config.run.storage_path, self.config.run.name, "best"), state)
 
     def _step(self, s: int) -> dict[str, float]:
         prefetch = getattr(self.train_data, "prefetch", None)
@@ -182,6 +194,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trainer.run(report)
 
 
+def evaluate_checkpoint(
+    checkpoint_url: str, data: DataSource, image_size: int | None = None, ks: tuple[int, ...] = (1, 2, 4, 8)
+) -> dict[str, float]:
+    """Retrieval metrics of a checkpoint's model on a data source, on this machine."""
+    model, config = load_model(checkpoint_url)
+    data_config = config.data.model_copy(update={"image_size": image_size or config.data.image_size})
+    source = open_source(data, data_config, train=False, in_channels=config.model.in_channels)
+    return evaluate(model, source, ks=ks, chunk_size=config.train.chunk_size)
+
+
 def fit(config: JobConfig, address: str | None = None, resume_from: str | None = None) -> dict[str, Any]:
     """Runs the job on a Ray cluster (a local one when ``address`` is None); returns the last
     reported metrics and the URL of the last checkpoint. Re-running with the same
@@ -193,10 +215,11 @@ def fit(config: JobConfig, address: str | None = None, resume_from: str | None =
 
     from rsk_dist.storage import filesystem, preflight
 
+    config = absolutize_paths(config)  # Ray workers run in other directories
     for spec in (config.data.train, config.data.eval):
         if spec is not None and spec.kind == "shards":
             preflight(spec.url, need_index=True, split=spec.split)
-    resume_from = resume_from or config.run.resume_from
+    resume_from = local_absolute(resume_from) or config.run.resume_from
     if resume_from:
         load_state(resume_from)  # refuse a bad checkpoint before any worker starts
     preflight(config.run.storage_path, need_index=False, writable=True)
@@ -221,4 +244,8 @@ def fit(config: JobConfig, address: str | None = None, resume_from: str | None =
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return {**(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    checkpoint = None
+    if result.checkpoint is not None:
+        # Ray gives a path within the storage filesystem; hand back a URL anyone can open.
+        checkpoint = config.run.storage_path.rstrip("/") + result.checkpoint.path[len(path.rstrip("/")):]
+    return {**(result.metrics or {}), "checkpoint": checkpoint}

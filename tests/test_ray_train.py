@@ -64,7 +64,7 @@ def test_workers_land_on_both_nodes_of_a_two_node_cluster(tmp_path):
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
     cluster.add_node(num_cpus=1)
     try:
         ray.init(address=cluster.address)

@@ -1,0 +1,289 @@
+"""Job configs: every shipped YAML validates, mistakes name their field, and the CLI's
+``validate`` reports them cleanly (exit 2, no traceback)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import os
+
+import pytest
+import yaml
+
+pytest.importorskip("pydantic")
+
+from rsk_dist.cli import main, parse_data_spec  # noqa: E402
+from rsk_dist.config import ConfigError, dump_config, load_config, parse_overrides  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+PAPER = ("cub200_resnet50", "cars196_resnet50", "sop_resnet50", "inaturalist_resnet50",
+         "vehicleid_resnet50", "sop_vit_b16", "inaturalist_vit_b16", "cars196_vit_b16", "cub200_vit_b16")
+
+MINIMAL = {
+    "data": {"train": {"kind": "digits", "split": "train"}},
+    "sampler": {"batch_size": 40, "samples_per_class": 4},
+}
+
+
+def _tree(**changes):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    for dotted, value in changes.items():
+        node = tree
+        *head, last = dotted.split("__")
+        for key in head:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return tree
+
+
+def test_all_jobs_present():
+    names = {p.stem for p in JOBS}
+    assert {"quickstart", "omniglot", *PAPER} <= names
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+def test_every_job_validates(path):
+    config = load_config(path)
+    assert config.sampler.batch_size % config.scaling.num_workers == 0
+    assert path.read_text().startswith("#"), "each job starts with a comment saying what it runs"
+    raw = yaml.safe_load(path.read_text())
+    if "lr" in raw.get("optim", {}):  # YAML 1.1 reads 1e-4 as a string: write 1.0e-4
+        assert isinstance(raw["optim"]["lr"], float), f"{path.name}: optim.lr is not a YAML float"
+    # the dump round-trips
+    assert load_config(yaml.safe_load(dump_config(config))) == config
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_jobs_follow_spec(name):
+    spec = {  # spec §6: batch, epochs, LR (ResNet-50), LR steps, chunk, eval k
+        "cub200": (400, 40, 1e-4, (10, 20, 30), 100, (1, 2, 4, 8)),
+        "cars196": (392, 170, 1e-4, (80, 140), 98, (1, 2, 4, 8)),
+        "sop": (4000, 55, 2e-4, (25, 50), 200, (1, 10, 100, 1000)),
+        "inaturalist": (4000, 90, 1e-4, (40, 70), 200, (1, 4, 16, 32)),
+        "vehicleid": (4000, 90, 1e-4, (40, 70), 200, (1, 5)),
+    }
+    dataset, backbone = name.split("_", 1)
+    c = load_config(ROOT / "jobs" / f"{name}.yaml")
+    batch, epochs, lr, steps, chunk, ks = spec[dataset]
+    assert (c.sampler.batch_size, c.train.epochs, c.optim.lr_steps, c.train.eval_k) == (batch, epochs, steps, ks)
+    assert c.loss.chunk_size == chunk and c.train.chunk_size == chunk
+    assert c.sampler.samples_per_class == 4 and c.model.dim == 512 and c.optim.lr_gamma == 0.3
+    assert c.data.image_size == 224 and c.model.pretrained is True
+    assert c.scaling.use_gpu and c.scaling.num_workers in (4, 8) and c.train.autocast == "bf16"
+    assert c.data.train.kind == "shards" and c.data.train.url.startswith("s3://")
+    if backbone == "resnet50":
+        assert (c.model.name, c.optim.name, c.optim.lr) == ("resnet50", "adam", lr)
+        assert c.model.freeze_bn
+    else:
+        assert (c.model.name, c.optim.name) == ("vit_b_16", "adamw")
+        if dataset in ("sop", "inaturalist"):
+            assert c.optim.lr == 5e-5
+        else:
+            assert 1e-5 <= c.optim.lr <= 3e-5
+    assert c.loss.simix == (dataset == "cars196")
+
+
+def test_quickstart_is_small():
+    c = load_config(ROOT / "jobs" / "quickstart.yaml")
+    assert (c.model.name, c.model.in_channels, c.data.image_size) == ("small_cnn", 1, 8)
+    assert c.data.train.kind == "digits" and c.data.eval.split == "test"
+    assert c.sampler.batch_size <= 40 and c.scaling.num_workers == 1 and not c.scaling.use_gpu
+    assert c.run.storage_path == "file://./runs"
+
+
+def test_omniglot_excludes_shared_alphabets():
+    c = load_config(ROOT / "jobs" / "omniglot.yaml")
+    assert c.data.train.kind == "zip" and c.data.train.url.endswith("images_background_small1.zip")
+    assert c.data.eval.url.endswith("images_background_small2.zip")
+    assert set(c.data.eval.exclude_classes) == {"Greek", "Latin"}
+
+
+def test_misspelt_top_level_key_names_it():
+    with pytest.raises(ConfigError, match=r"samplr: unknown key"):
+        load_config({**MINIMAL, "samplr": {"batch_size": 8}})
+
+
+def test_misspelt_nested_key_names_dotted_path():
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
+        load_config(_tree(optim__learning_rate=0.1))
+    with pytest.raises(ConfigError, match=r"data\.train\.urll: unknown key"):
+        load_config(_tree(data__train__urll="s3://x"))
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(ConfigError) as err:
+        load_config(_tree(train__epochs="many"))
+    assert "train.epochs" in str(err.value) and "integer" in str(err.value)
+    with pytest.raises(ConfigError, match=r"scaling\.use_gpu"):
+        load_config(_tree(scaling__use_gpu="maybe"))
+
+
+def test_overrides_parse_as_yaml():
+    assert parse_overrides(["a.b=3", "c=0.5", "d=[1, 2]", "e=true", "f=s3://b/x", "g=1.0e-4"]) == [
+        ("a.b", 3), ("c", 0.5), ("d", [1, 2]), ("e", True), ("f", "s3://b/x"), ("g", 1e-4),
+    ]
+    # YAML 1.1 reads "1e-4" as a string; the float field still takes it
+    assert load_config(MINIMAL, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    c = load_config(MINIMAL, [
+        "train.epochs=7", "optim.lr=0.003", "train.eval_k=[1, 5]", "data.augment=false",
+        "loss.simix=true", "run.storage_path=s3://bucket/runs",
+    ])
+    assert c.train.epochs == 7 and c.optim.lr == 0.003 and c.train.eval_k == (1, 5)
+    assert c.data.augment is False and c.loss.simix is True and c.run.storage_path == "s3://bucket/runs"
+
+
+def test_unknown_override_key_fails():
+    with pytest.raises(ConfigError, match=r"train\.epoch: unknown key"):
+        load_config(MINIMAL, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"not of the form"):
+        load_config(MINIMAL, ["train.epochs"])
+
+
+def test_batch_must_split_over_workers():
+    with pytest.raises(ConfigError, match=r"does not split into 3 equal worker shards"):
+        load_config(MINIMAL, ["scaling.num_workers=3"])
+    assert load_config(MINIMAL, ["scaling.num_workers=4"]).scaling.num_workers == 4
+
+
+def test_data_spec_parsing():
+    assert parse_data_spec("shards:s3://b/cub200:test").model_dump(include={"kind", "url", "split"}) == {
+        "kind": "shards", "url": "s3://b/cub200", "split": "test"}
+    assert parse_data_spec("shards:s3://b/cub200").split is None
+    assert parse_data_spec("digits:test").split == "test"
+    assert parse_data_spec("zip:x.zip", exclude=["Greek"]).exclude_classes == ("Greek",)
+    with pytest.raises(ConfigError):
+        parse_data_spec("tfrecord:s3://b")
+
+
+# --- the CLI ------------------------------------------------------------------------------
+
+
+def test_cli_validate_ok(capsys):
+    assert main(["validate", str(ROOT / "jobs" / "quickstart.yaml"), "--set", "train.epochs=2"]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["train"]["epochs"] == 2
+    assert "valid job config" in err
+
+
+def test_cli_validate_bad_key_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MINIMAL, "optim": {"lr": 0.1, "momentun": 0.9}}))
+    assert main(["validate", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "optim.momentun: unknown key" in err and "Traceback" not in err
+    assert err.startswith("rsk-dist validate: error:")
+
+
+def test_cli_validate_bad_override_and_missing_file(capsys, tmp_path):
+    assert main(["validate", str(ROOT / "jobs" / "quickstart.yaml"), "--set", "scaling.num_workers=3"]) == 2
+    assert "scaling.num_workers" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert main(["validate", str(tmp_path / "list.yaml")]) == 2
+    assert "mapping" in capsys.readouterr().err
+
+
+def test_cli_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["ingest", "src", "s3://b/x", "--layout", "imagenet"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_cli_submit_bad_config_submits_nothing(capsys, monkeypatch):
+    """A bad config fails before any client is made, so no address is even contacted."""
+    import rsk_dist.cli as cli
+
+    def no_client(args):
+        raise AssertionError("a bad config must not reach the job server")
+
+    monkeypatch.setattr(cli, "_client", no_client)
+    code = main(["submit", str(ROOT / "jobs" / "quickstart.yaml"), "--set", "train.epoch=1",
+                 "--address", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "train.epoch: unknown key" in capsys.readouterr().err
+
+
+def test_build_submission_carries_no_secrets(tmp_path, monkeypatch):
+    import rsk_dist.cli as cli
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "token-do-not-ship")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    config = load_config(ROOT / "jobs" / "quickstart.yaml", ["train.epochs=1"])
+    entrypoint, env = cli.build_submission(config, ["train.epochs=1"], tmp_path)
+    assert entrypoint == "rsk-dist train job.yaml --set train.epochs=1"
+    assert "env_vars" not in env
+    assert env["working_dir"] == str(tmp_path) and Path(env["py_modules"][0]).name == "rsk_dist"
+    assert load_config(tmp_path / "job.yaml") == config
+    text = repr(env) + entrypoint + (tmp_path / "job.yaml").read_text()
+    assert "do-not-ship" not in text
+    assert cli._auth_headers() == {"Authorization": "Bearer token-do-not-ship"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    assert cli._auth_headers() == {}
+
+
+# --- the CLI's commands on real modules ----------------------------------------------------
+
+
+def test_relative_local_paths_become_absolute(monkeypatch, tmp_path):
+    from rsk_dist.config import absolutize_paths
+
+    monkeypatch.chdir(tmp_path)
+    c = absolutize_paths(load_config(ROOT / "jobs" / "omniglot.yaml", ["run.storage_path=file://./runs", "run.resume_from=runs/x"]))
+    assert c.run.storage_path == f"file://{tmp_path}/runs"
+    assert c.run.resume_from == str(tmp_path / "runs" / "x")
+    assert os.path.isabs(c.data.train.url)
+    s3 = absolutize_paths(load_config(ROOT / "jobs" / "sop_resnet50.yaml"))
+    assert s3.data.train.url.startswith("s3://"), "remote URLs are left alone"
+
+
+def test_cli_eval_of_a_real_checkpoint(capsys, tmp_path):
+    import torch
+
+    from rsk_dist.checkpoint import save_state
+    from rsk_dist.train import Trainer
+
+    config = load_config({
+        "data": {"train": {"kind": "digits", "split": "train"}, "image_size": 8},
+        "model": {"in_channels": 1, "dim": 16}, "sampler": {"batch_size": 40},
+        "train": {"epochs": 1, "steps_per_epoch": 1, "chunk_size": 40},
+    })
+    trainer = Trainer(config, torch.device("cpu"))
+    trainer.run(lambda metrics, state: None)
+    save_state(tmp_path / "ckpt", trainer.state())
+    assert main(["eval", str(tmp_path / "ckpt"), "--data", "digits:test", "--k", "1", "5"]) == 0
+    out = capsys.readouterr().out
+    recall = float(out.split("recall@1:")[1].split()[0])
+    assert 0.1 < recall <= 1.0
+    assert main(["eval", str(tmp_path / "nothing"), "--data", "digits:test"]) == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err
+    assert main(["eval", "x", "--data", "parquet:s3://b"]) == 2
+    assert "--data 'parquet:s3://b'" in capsys.readouterr().err
+
+
+def test_cli_ingest_of_a_folder_tree(capsys, tmp_path):
+    from PIL import Image
+
+    for c in range(3):
+        (tmp_path / "src" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (6, 6), 40 * c + i).save(tmp_path / "src" / f"class{c}" / f"{i}.png")
+    target = f"file://{tmp_path}/ds"
+    assert main(["ingest", str(tmp_path / "src"), target, "--layout", "folders"]) == 0
+    assert "num_images: 6" in capsys.readouterr().out
+    assert (tmp_path / "ds" / "index.parquet").exists() and (tmp_path / "ds" / "_SUCCESS").exists()
+
+
+def test_cli_export_index_without_faiss_is_clean(capsys, monkeypatch):
+    import rsk_dist.cli as cli
+
+    monkeypatch.setattr(cli, "_importable", lambda module: module != "faiss")
+    assert main(["export-index", "file:///nope", "--data", "digits:test", "/tmp/x.faiss"]) == 2
+    err = capsys.readouterr().err
+    assert "needs faiss" in err and "Traceback" not in err
