@@ -2,7 +2,6 @@
 interruption and resume, and the errors a bad source gives."""
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -11,21 +10,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("pyarrow")
-PIL = pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
-
+pytest.importorskip("PIL")
+from tests.images import OMNIGLOT_ZIP, image_bytes  # noqa: E402
 from rsk_dist.ingest import IngestError, ingest  # noqa: E402
 from rsk_dist.storage import INDEX, MARKER, PROGRESS, StorageError, open_dataset, preflight  # noqa: E402
-
-OMNIGLOT_ZIP = Path(__file__).resolve().parents[2] / "shared/data/omniglot/images_background_small1.zip"
-
-
-def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (12, 10)) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def put(path: Path, data: bytes | str) -> Path:

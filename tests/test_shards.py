@@ -17,21 +17,13 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
+from tests.images import OMNIGLOT_ZIP, image_bytes  # noqa: E402
 from rsk_dist.data.shards import BadSampleError, ShardReadError, ShardSource  # noqa: E402
 from rsk_dist.data.sources import Source  # noqa: E402
 from rsk_dist.ingest import ingest  # noqa: E402
 from rsk_dist.sampler import ClassBalancedSampler  # noqa: E402
 from rsk_dist.storage import MARKER, StorageError  # noqa: E402
 
-OMNIGLOT_ZIP = Path(__file__).resolve().parents[2] / "shared/data/omniglot/images_background_small1.zip"
-
-
-def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (40, 30)) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def make_folders(root: Path, classes: int = 3, per_class: int = 4, bad: dict[str, bytes] | None = None) -> None:
@@ -39,7 +31,7 @@ def make_folders(root: Path, classes: int = 3, per_class: int = 4, bad: dict[str
         for i in range(per_class):
             path = root / f"class{c}" / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(image_bytes(100 * c + i))
+            path.write_bytes(image_bytes(100 * c + i, size=(40, 30)))
     for rel, data in (bad or {}).items():
         (root / rel).write_bytes(data)
 
