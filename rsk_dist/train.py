@@ -25,6 +25,7 @@ from rsk_dist.evaluate import evaluate
 from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate
 from rsk_dist.loop import train_step
 from rsk_dist.models import build_model
+from rsk_dist.monitor import RunMonitor
 from rsk_dist.sampler import ClassBalancedSampler
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +98,8 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type) if c.train.autocast == "fp16" else None
         self.step = LargeBatchStep(self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler)
         self.epoch, self.history, self.best = 0, [], -math.inf
+        # TensorBoard events and training.png beside the checkpoints, written by rank 0 alone
+        self.monitor = RunMonitor(c.run.storage_path, c.run.name, enabled=rank_and_world()[0] == 0)
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -128,6 +131,7 @@ class Trainer:
                             f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.0f} img/s "
                             f"ETA {_eta(rate * (total - done))}", flush=True,
                         )
+                        self.monitor.log_step(done, metrics)
                     report({**metrics, "epoch": self.epoch, "step": done}, None)
             self.scheduler.step()
             self.epoch += 1
@@ -142,8 +146,11 @@ class Trainer:
                     if rank == 0:
                         self._publish_best(summary)
             self.history.append(summary)
+            self.monitor.log_epoch(summary["step"], summary)
             if self.epoch % c.run.checkpoint_every == 0 or last:
                 report(summary, self.state() if rank == 0 else None)
+                self.monitor.sync()
+        self.monitor.finish(self.history)
 
     def _publish_best(self, metrics: dict[str, Any]) -> None:
         """The best model by validation Recall@1, at ``<storage_path>/<name>/best``: kept apart

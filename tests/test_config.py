@@ -253,6 +253,7 @@ def test_cli_eval_of_a_real_checkpoint(capsys, tmp_path):
         "data": {"train": {"kind": "digits", "split": "train"}, "image_size": 8},
         "model": {"in_channels": 1, "dim": 16}, "sampler": {"batch_size": 40},
         "train": {"epochs": 1, "steps_per_epoch": 1, "chunk_size": 40},
+        "run": {"storage_path": f"file://{tmp_path}/runs"},  # rank 0 writes its TensorBoard events there
     })
     trainer = Trainer(config, torch.device("cpu"))
     trainer.run(lambda metrics, state: None)
