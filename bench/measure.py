@@ -26,8 +26,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(run: Callable[[], None], device: str, repeats: int = 2) -> dict[str, float]:
-    """Seconds of the fastest of ``repeats`` runs (after one warm-up) and peak memory growth
+def measure(run: Callable[[], None], device: str, repeats: int = 2, warmup: bool = True) -> dict[str, float]:
+    """Seconds of the fastest of ``repeats`` runs (after one warm-up run unless ``warmup`` is
+    False: for slow baselines whose first-call overhead is negligible) and peak memory growth
     over the memory held before the first run."""
     if device == "cuda":
         torch.cuda.synchronize()
@@ -35,7 +36,8 @@ def measure(run: Callable[[], None], device: str, repeats: int = 2) -> dict[str,
         base = torch.cuda.memory_allocated()
     else:
         base = rss_bytes()
-    run()
+    if warmup:
+        run()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

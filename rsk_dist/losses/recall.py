@@ -3,9 +3,9 @@
 For query ``q`` and positive ``x``, the surrogate rank ``r_q(x) = 1 + sum_z sigmoid((s_qz -
 s_qx) / tau2)`` sums over all N samples, so the loss touches O(N^2 * P) terms. Autograd
 through that would keep every term; instead :class:`_RecallSurrogateFunction` walks over
-chunks of queries and, when a gradient is wanted, computes the analytic gradient with respect
-to the similarities in the same pass. Extra memory is one chunk of ``chunk x P x N`` terms plus
-the gradient of the similarity rows, whatever N is.
+chunks of queries, computes their similarity rows from the embeddings and, when a gradient is
+wanted, the analytic gradient in the same pass. Extra memory is one chunk of ``chunk x P x N``
+terms plus the N x d embedding gradient: no N x N matrix is ever held.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from rsk_dist.losses.simix import mixed_similarity, mixing
+from rsk_dist.losses.simix import Mixing, mixing
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
 # Elements of the one (queries x positives x samples) chunk buffer when chunk_size=None: 16 MB in
@@ -64,12 +64,16 @@ def _chunks(num_positives: Tensor, num_samples: int, chunk_size: int | None) -> 
 
 
 class _RecallSurrogateFunction(torch.autograd.Function):
-    """Sum of per-query losses of the given similarity rows, divided by ``normalizer``."""
+    """Sum of the per-query losses of ``queries``, divided by ``normalizer``, as a function of
+    the real embeddings. With SiMix, ``mixed`` describes the virtual samples: each chunk's
+    similarity rows are mixed from real ones, and their gradient flows back through the mixing.
+    Nothing of size N x N outlives a chunk: memory is the chunk plus the N x d gradient."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
-        sim: Tensor,
+        embeddings: Tensor,
+        mixed: Mixing | None,
         queries: Tensor,
         labels: Tensor,
         ks: tuple[int, ...],
@@ -83,22 +87,25 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         # is built in the same pass over the chunk: recomputing the chunk in backward instead
         # would double the O(N^2 P) work for the same memory bound.
         want_grad = ctx.needs_input_grad[0]
+        emb = embeddings
+        n = labels.numel()
         classes = _Classes(labels)
         npos = classes.num_positives(queries)
         has_pos = torch.nonzero(npos > 0).squeeze(1)
-        grad = torch.zeros_like(sim) if want_grad else None
-        kk = torch.tensor(ks, dtype=sim.dtype, device=sim.device)
-        total = sim.new_zeros(())
+        grad = torch.zeros_like(emb) if want_grad else None
+        kk = torch.tensor(ks, dtype=emb.dtype, device=emb.device)
+        total = emb.new_zeros(())
         buffer = None
-        for local in _chunks(npos[has_pos], sim.shape[1], chunk_size):
-            rows = has_pos[local]
-            q = queries[rows]
+        for local in _chunks(npos[has_pos], n, chunk_size):
+            q = queries[has_pos[local]]
             pos, valid = classes.positives(q)
-            s = sim.index_select(0, rows) / tau2
-            shape = (q.numel(), pos.shape[1], sim.shape[1])
+            rows = emb.index_select(0, q) if mixed is None else mixed.rows(emb, q)  # C x d
+            sim_real = rows @ emb.T  # C x N_real
+            s = (sim_real if mixed is None else mixed.columns(sim_real)) / tau2  # C x N
+            shape = (q.numel(), pos.shape[1], n)
             if buffer is None or buffer.numel() < shape[0] * shape[1] * shape[2]:
                 # One buffer reused by every chunk: fresh large tensors cost a page fault per page.
-                buffer = sim.new_empty(shape[0] * shape[1] * shape[2])
+                buffer = emb.new_empty(shape[0] * shape[1] * shape[2])
             diff = buffer[: shape[0] * shape[1] * shape[2]].view(shape)
             torch.sub(s[:, None, :], s.gather(1, pos)[:, :, None], out=diff)  # (s_qz - s_qx) / tau2
             excluded = pos[:, :, None] if rank_includes_query else torch.stack([pos, q[:, None].expand_as(pos)], 2)
@@ -107,30 +114,36 @@ class _RecallSurrogateFunction(torch.autograd.Function):
             rank = 1 + sig.sum(2)
             soft_hits = torch.sigmoid((kk - rank[:, :, None]) / tau1) * valid[:, :, None]
             hits = soft_hits.sum(1)  # C x K
-            denom = torch.minimum(kk, valid.sum(1, keepdim=True).to(sim.dtype))
+            denom = torch.minimum(kk, valid.sum(1, keepdim=True).to(emb.dtype))
             recall = torch.minimum(hits, kk) / denom
             total = total + (1 - recall.mean(1)).sum()
             if grad is None:
                 continue
             # dL/d rank_qx, the clamp min(k, .) passing gradient only below k.
-            clamp_open = (hits < kk).to(sim.dtype) / denom
+            clamp_open = (hits < kk).to(emb.dtype) / denom
             g_rank = (soft_hits * (1 - soft_hits) * clamp_open[:, None, :]).sum(2)
             g_rank = g_rank / (tau1 * len(ks) * normalizer * tau2)
             dsig = sig.addcmul_(sig, sig, value=-1)  # sigmoid' = s - s^2, in place; masked terms give 0
             g_sim = torch.bmm(g_rank[:, None, :], dsig).squeeze(1)  # through s_qz, z != x
             g_sim.scatter_add_(1, pos, -g_rank * dsig.sum(2))  # through s_qx
-            grad.index_copy_(0, rows, g_sim)
+            # Back through sim_real = rows @ emb.T (and the mixing, with SiMix) to the embeddings.
+            g_real = g_sim if mixed is None else mixed.columns_adjoint(g_sim)
+            grad.addmm_(g_real.T, rows)
+            g_rows = g_real @ emb
+            if mixed is None:
+                grad.index_add_(0, q, g_rows)
+            else:
+                mixed.add_rows_adjoint(grad, q, g_rows)
         if grad is not None:
-            ctx.save_for_backward(grad)  # freed with the graph, unlike a ctx attribute
+            ctx.save_for_backward(grad)
         return total / normalizer
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        # The usual grad_output is exactly 1: hand the saved gradient on without an N x N copy.
         if not bool(grad_output == 1):
             grad = grad * grad_output
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def recall_at_k_surrogate(
@@ -175,10 +188,6 @@ def recall_at_k_surrogate(
         if not 0 <= index < count:
             raise ValueError(f"query_shard must be (index, count) with 0 <= index < count, got {query_shard}")
         queries = all_queries.tensor_split(count)[index]
-    if mix is not None:
-        sim = mixed_similarity(embeddings, mix, None if query_shard is None else queries)
-    else:
-        sim = (embeddings if query_shard is None else embeddings[queries]) @ embeddings.T
     normalizer = int((_Classes(labels).num_positives(all_queries) > 0).sum())
     if normalizer == 0:
         raise ValueError(
@@ -186,7 +195,7 @@ def recall_at_k_surrogate(
             "sample at least two images per class (a class-balanced sampler does this)"
         )
     return _RecallSurrogateFunction.apply(
-        sim, queries, labels, ks, float(tau1), float(tau2),
+        embeddings, mix, queries, labels, ks, float(tau1), float(tau2),
         bool(rank_includes_query), chunk_size, normalizer,
     )
 

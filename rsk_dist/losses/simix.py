@@ -26,14 +26,7 @@ class Mixing:
     second: Tensor  # long, (N_ext,)
     weight: Tensor  # float, (N_ext,): the weight of ``first``
     labels: Tensor  # long, (N_ext,)
-
-    @property
-    def num_real(self) -> int:
-        return int(self.labels.numel() - self.num_virtual)
-
-    @property
-    def num_virtual(self) -> int:
-        return int((self.first != self.second).sum())
+    num_real: int  # the first num_real samples are the real ones
 
     def rows(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """``(A x)[rows]``: mixes rows of ``x`` (indexed by real samples)."""
@@ -45,9 +38,22 @@ class Mixing:
         return torch.lerp(x.index_select(0, j), x.index_select(0, i), a.to(x.dtype).unsqueeze(1))
 
     def columns(self, x: Tensor) -> Tensor:
-        """``x A^T``: mixes columns of ``x`` (indexed by real samples). Gathering contiguous
-        rows of the transpose is several times faster than gathering strided columns."""
-        return self.rows(x.T.contiguous()).T
+        """``x A^T``: mixes the columns of ``x`` (indexed by real samples)."""
+        a = self.weight.to(x.dtype)
+        return torch.lerp(x.index_select(1, self.second), x.index_select(1, self.first), a)
+
+    def columns_adjoint(self, g: Tensor) -> Tensor:
+        """``g A``: the gradient of :meth:`columns` with respect to its input."""
+        a = self.weight.to(g.dtype)
+        out = g.new_zeros(g.shape[0], self.num_real)
+        out.index_add_(1, self.first, g * a)
+        return out.index_add_(1, self.second, g * (1 - a))
+
+    def add_rows_adjoint(self, out: Tensor, rows: Tensor, g: Tensor) -> None:
+        """Adds to ``out`` the gradient of ``self.rows(x, rows)`` for an upstream ``g``."""
+        a = self.weight[rows].to(g.dtype).unsqueeze(1)
+        out.index_add_(0, self.first[rows], g * a)
+        out.index_add_(0, self.second[rows], g * (1 - a))
 
 
 def same_class_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,7 +77,7 @@ def mixing(labels: Tensor, generator: torch.Generator | None = None) -> Mixing:
     first = torch.cat([real, i]).to(labels.device)
     second = torch.cat([real, j]).to(labels.device)
     weight = torch.cat([torch.ones(n, dtype=torch.float64), a.cpu()]).to(labels.device)
-    return Mixing(first, second, weight, labels[first])
+    return Mixing(first, second, weight, labels[first], n)
 
 
 def mix(
@@ -80,19 +86,3 @@ def mix(
     """Real samples followed by the virtual ones (not re-normalised), and their labels."""
     m = mixing(labels.to(embeddings.device), generator)
     return m.rows(embeddings), m.labels
-
-
-def mixed_similarity(embeddings: Tensor, mixed: Mixing, rows: Tensor | None = None) -> Tensor:
-    """Rows of the extended similarity ``A S A^T`` without embedding any virtual sample.
-
-    ``rows`` selects extended query rows (default: all). Mixing scalar similarities costs
-    O(N_ext * N) on top of one product.
-    """
-    n_rows = mixed.labels.numel() if rows is None else rows.numel()
-    if n_rows > embeddings.shape[0]:
-        # Many rows: one N x N product, then mix its rows (O(N_ext * N), no d factor).
-        query_rows = mixed.rows(embeddings @ embeddings.T, rows)
-    else:
-        # Few rows (a worker's share of queries): mix the embeddings first, N x d work.
-        query_rows = mixed.rows(embeddings, rows) @ embeddings.T
-    return mixed.columns(query_rows)
