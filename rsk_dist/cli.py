@@ -314,7 +314,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = parse_data_spec(args.data, args.exclude_class)
     from rsk_dist.train import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint_url, data=data, image_size=args.image_size, ks=tuple(args.k))
+    queries = parse_data_spec(args.queries, args.exclude_class) if args.queries else None
+    metrics = evaluate_checkpoint(args.checkpoint_url, data=data, image_size=args.image_size, ks=tuple(args.k),
+                                  protocol=args.protocol, queries=queries, ground_truth=args.ground_truth)
     _print_metrics(dict(metrics), f"{args.checkpoint_url} on {args.data}:")
     return 0
 
@@ -492,6 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL")
     with_data(p)
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], metavar="K", help="Recall@k values")
+    p.add_argument("--protocol", choices=["all", "vehicleid", "revisited"], default="all",
+                   help="all: every image queries the others; vehicleid: one gallery image per identity; "
+                        "revisited: --queries against the --data gallery, Revisited Oxford/Paris mAP")
+    p.add_argument("--queries", metavar="KIND:URL[:SPLIT]", help="query images for --protocol revisited")
+    p.add_argument("--ground-truth", metavar="URL", help="ground-truth JSON for --protocol revisited")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ingest", help="write a data set as shards plus index to any fsspec URL")

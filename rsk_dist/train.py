@@ -21,7 +21,8 @@ from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, Optim
 from rsk_dist.data.sources import MemorySource, Source, digits_split, zip_source
 from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
 from rsk_dist.engine import LargeBatchStep
-from rsk_dist.evaluate import evaluate
+from rsk_dist.evaluate import embed_source, evaluate
+from rsk_dist.metrics import retrieval_metrics, revisited_map, vehicleid_metrics
 from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate
 from rsk_dist.loop import train_step
 from rsk_dist.models import build_model
@@ -168,7 +169,10 @@ class Trainer:
             for ahead in range(1, self.config.data.prefetch_steps + 1):
                 if s + ahead < self.steps_per_epoch:
                     prefetch(self.sampler.shard(self.epoch, s + ahead, rank, world), self.sampler.augment_key(self.epoch, s + ahead))
-        return train_step(self.step, self.optimizer, self.sampler, self.train_data, self.epoch, s)
+        metrics = train_step(self.step, self.optimizer, self.sampler, self.train_data, self.epoch, s)
+        # Undecodable images replaced so far (the streaming source counts them; memory has none).
+        metrics["bad_samples"] = getattr(self.train_data, "bad_samples", 0)
+        return metrics
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -201,14 +205,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trainer.run(report)
 
 
+def load_ground_truth(url: str) -> list[dict]:
+    """Revisited Oxford/Paris ground truth from a JSON file (any fsspec URL): a list, or
+    ``{"gnd": [...]}``, of ``{"easy": [...], "hard": [...], "junk": [...]}`` with gallery indices
+    in the order of the gallery source. revisitop's ``.pkl`` files are not read: a pickle from
+    storage can run code; convert once with
+    ``python -c "import pickle,json,sys; g=pickle.load(open(sys.argv[1],'rb'))['gnd'];
+    json.dump([{k: [int(i) for i in q[k]] for k in ('easy','hard','junk')} for q in g], sys.stdout)" gnd.pkl``."""
+    import json
+
+    from rsk_dist.storage import filesystem
+
+    if url.endswith(".pkl"):
+        raise ValueError(f"{url}: pickled ground truth is not loaded (it can run code); convert it to JSON: "
+                         "see rsk_dist.train.load_ground_truth")
+    fs, path = filesystem(url)
+    data = json.loads(fs.cat_file(path))
+    gnd = data["gnd"] if isinstance(data, dict) else data
+    if not isinstance(gnd, list) or not all(isinstance(q, dict) and {"easy", "hard", "junk"} <= q.keys() for q in gnd):
+        raise ValueError(f"{url}: expected a list of {{'easy', 'hard', 'junk'}} index lists, one per query")
+    return gnd
+
+
 def evaluate_checkpoint(
-    checkpoint_url: str, data: DataSource, image_size: int | None = None, ks: tuple[int, ...] = (1, 2, 4, 8)
+    checkpoint_url: str,
+    data: DataSource,
+    image_size: int | None = None,
+    ks: tuple[int, ...] = (1, 2, 4, 8),
+    protocol: str = "all",
+    queries: DataSource | None = None,
+    ground_truth: str | None = None,
 ) -> dict[str, float]:
-    """Retrieval metrics of a checkpoint's model on a data source, on this machine."""
+    """Retrieval metrics of a checkpoint's model on ``data``, on this machine. ``protocol``:
+    ``all`` (every image queries all others), ``vehicleid`` (one image per identity is the
+    gallery, the rest query it) or ``revisited`` (``queries`` against the ``data`` gallery,
+    medium/hard mAP from ``ground_truth``)."""
     model, config = load_model(checkpoint_url)
     data_config = config.data.model_copy(update={"image_size": image_size or config.data.image_size})
-    source = open_source(data, data_config, train=False, in_channels=config.model.in_channels)
-    return evaluate(model, source, ks=ks, chunk_size=config.train.chunk_size)
+
+    def embed(spec: DataSource):
+        source = open_source(spec, data_config, train=False, in_channels=config.model.in_channels)
+        return embed_source(model, source, chunk_size=config.train.chunk_size)
+
+    if protocol == "all":
+        return retrieval_metrics(*embed(data), ks=ks)
+    if protocol == "vehicleid":
+        # A fixed generator: the same gallery draw for every checkpoint compared.
+        return vehicleid_metrics(*embed(data), ks=ks, generator=torch.Generator().manual_seed(0))
+    if protocol == "revisited":
+        if queries is None or ground_truth is None:
+            raise ValueError("the revisited protocol needs a query source and a ground-truth file")
+        gnd = load_ground_truth(ground_truth)
+        return revisited_map(embed(queries)[0], embed(data)[0], gnd)
+    raise ValueError(f"unknown protocol {protocol!r}: use all, vehicleid or revisited")
 
 
 def fit(config: JobConfig, address: str | None = None, resume_from: str | None = None) -> dict[str, Any]:

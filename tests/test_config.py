@@ -267,6 +267,43 @@ def test_cli_eval_of_a_real_checkpoint(capsys, tmp_path):
     assert main(["eval", "x", "--data", "parquet:s3://b"]) == 2
     assert "--data 'parquet:s3://b'" in capsys.readouterr().err
 
+    # The VehicleID and Revisited Oxford/Paris protocols, against the metric functions directly.
+    import json
+
+    from rsk_dist.checkpoint import load_model
+    from rsk_dist.data.sources import digits_split
+    from rsk_dist.evaluate import embed_source
+    from rsk_dist.metrics import revisited_map, vehicleid_metrics
+
+    model, _ = load_model(str(tmp_path / "ckpt"))
+    emb, labels = embed_source(model, digits_split("test"), chunk_size=40)
+    expected = vehicleid_metrics(emb, labels, ks=(1, 5), generator=torch.Generator().manual_seed(0))
+    assert main(["eval", str(tmp_path / "ckpt"), "--data", "digits:test", "--protocol", "vehicleid", "--k", "1", "5"]) == 0
+    assert f"recall@1: {expected['recall@1']:.4f}" in capsys.readouterr().out
+    gnd = []
+    for i in range(0, 60, 3):  # every third test image queries the whole test set; itself is junk
+        same = [j for j in range(len(labels)) if labels[j] == labels[i] and j != i]
+        gnd.append({"easy": same[::2], "hard": same[1::2], "junk": [i]})
+    (tmp_path / "gnd.json").write_text(json.dumps({"gnd": gnd}))
+    expected = revisited_map(emb[0:60:3], emb, gnd)
+    # The queries as a source of their own: the first 60 test images, every third one.
+    assert main(["eval", str(tmp_path / "ckpt"), "--data", "digits:test", "--protocol", "revisited",
+                 "--queries", "digits:test", "--ground-truth", str(tmp_path / "gnd.json")]) == 2
+    assert "queries but ground truth for 20" in capsys.readouterr().err
+    (tmp_path / "gnd_all.json").write_text(json.dumps([
+        {"easy": [j for j in range(len(labels)) if labels[j] == labels[i] and j != i], "hard": [], "junk": [i]}
+        for i in range(len(labels))
+    ]))
+    assert main(["eval", str(tmp_path / "ckpt"), "--data", "digits:test", "--protocol", "revisited",
+                 "--queries", "digits:test", "--ground-truth", str(tmp_path / "gnd_all.json")]) == 0
+    out = capsys.readouterr().out
+    full = revisited_map(emb, emb, json.loads((tmp_path / "gnd_all.json").read_text()))
+    assert f"medium: {full['medium']:.4f}" in out
+    assert 0 < expected["medium"] <= 1
+    assert main(["eval", str(tmp_path / "ckpt"), "--data", "digits:test", "--protocol", "revisited",
+                 "--queries", "digits:test", "--ground-truth", str(tmp_path / "gnd.pkl")]) == 2
+    assert "pickled ground truth" in capsys.readouterr().err
+
 
 def test_cli_ingest_of_a_folder_tree(capsys, tmp_path):
     from PIL import Image
