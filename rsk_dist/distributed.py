@@ -17,6 +17,10 @@ from torch import Tensor, nn
 
 Mode = Literal["replicated", "sharded"]
 
+# torch 2.13 renamed the tensor collectives; keep working on the older releases we support.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -28,7 +32,7 @@ def all_gather_rows(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor
     """Concatenation of every worker's ``x`` along dim 0, in rank order (equal shapes)."""
     _, world = rank_and_world(group)
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather(out, x.contiguous(), group=group)
     return out
 
 
@@ -37,7 +41,7 @@ def _sum_own_rows(grad: Tensor, rank: int, world: int, group: dist.ProcessGroup 
     rows = grad.shape[0] // world
     if dist.get_backend(group) == dist.Backend.NCCL:
         out = grad.new_empty((rows, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=group)  # W x less traffic
+        _reduce_scatter(out, grad.contiguous(), group=group)  # W x less traffic
         return out
     dist.all_reduce(grad, group=group)  # gloo has no reduce-scatter
     return grad[rank * rows : (rank + 1) * rows]
