@@ -168,7 +168,7 @@ def plot_history(history: list[dict[str, Any]], title: str = "") -> bytes:
     loss_ax, recall_ax = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
     loss_ax.plot(epochs, [h["loss"] for h in history], marker="o", color="tab:red")
-    loss_ax.set(title="training loss (last step of each epoch)", xlabel="epoch", ylabel="loss")
+    loss_ax.set(title="training loss (mean over each epoch)", xlabel="epoch", ylabel="loss")
     ks = sorted({k for h in history for k in h if k.startswith("recall@")}, key=lambda k: int(k.split("@")[1]))
     for key in ks:
         points = [(h["epoch"], h[key]) for h in history if key in h]

@@ -121,8 +121,10 @@ class Trainer:
         started = time.perf_counter()
         done_at_start = self.epoch * self.steps_per_epoch
         while self.epoch < c.train.epochs:
+            losses = []
             for s in range(self.steps_per_epoch):
                 metrics = self._step(s)
+                losses.append(metrics["loss"])
                 done = self.epoch * self.steps_per_epoch + s + 1
                 if (s + 1) % c.train.log_every == 0:
                     rate = (time.perf_counter() - started) / (done - done_at_start)
@@ -137,7 +139,7 @@ class Trainer:
             self.scheduler.step()
             self.epoch += 1
             last = self.epoch == c.train.epochs
-            summary: dict[str, Any] = {"epoch": self.epoch, "step": self.epoch * self.steps_per_epoch, "loss": metrics["loss"]}
+            summary: dict[str, Any] = {"epoch": self.epoch, "step": self.epoch * self.steps_per_epoch, "loss": sum(losses) / len(losses)}
             if self.eval_data is not None and (self.epoch % c.train.eval_every == 0 or last):
                 summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size))
                 if rank == 0:
