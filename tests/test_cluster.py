@@ -68,6 +68,9 @@ def test_launcher_config_matches_rays_schema():
     from ray.autoscaler._private.util import validate_config
 
     validate_config(config)  # the schema plus Ray's own cross-field checks
+    # The schema is strict enough to catch a broken config.
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**config, "max_workers": "many"}, schema)
 
 
 def test_launcher_config_is_gpu_and_private():
