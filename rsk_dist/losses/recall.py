@@ -75,7 +75,7 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         embeddings: Tensor,
         mixed: Mixing | None,
         queries: Tensor,
-        labels: Tensor,
+        classes: _Classes,
         ks: tuple[int, ...],
         tau1: float,
         tau2: float,
@@ -88,8 +88,7 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         # would double the O(N^2 P) work for the same memory bound.
         want_grad = ctx.needs_input_grad[0]
         emb = embeddings
-        n = labels.numel()
-        classes = _Classes(labels)
+        n = classes.class_of.numel()
         npos = classes.num_positives(queries)
         has_pos = torch.nonzero(npos > 0).squeeze(1)
         grad = torch.zeros_like(emb) if want_grad else None
@@ -188,14 +187,15 @@ def recall_at_k_surrogate(
         if not 0 <= index < count:
             raise ValueError(f"query_shard must be (index, count) with 0 <= index < count, got {query_shard}")
         queries = all_queries.tensor_split(count)[index]
-    normalizer = int((_Classes(labels).num_positives(all_queries) > 0).sum())
+    classes = _Classes(labels)
+    normalizer = int((classes.num_positives(all_queries) > 0).sum())
     if normalizer == 0:
         raise ValueError(
             "the batch has no positive pair (every label is unique), so RS@k is undefined: "
             "sample at least two images per class (a class-balanced sampler does this)"
         )
     return _RecallSurrogateFunction.apply(
-        embeddings, mix, queries, labels, ks, float(tau1), float(tau2),
+        embeddings, mix, queries, classes, ks, float(tau1), float(tau2),
         bool(rank_includes_query), chunk_size, normalizer,
     )
 
