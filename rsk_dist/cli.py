@@ -9,6 +9,7 @@
     rsk-dist logs     JOB_ID --address http://HEAD:8265 [--follow]
     rsk-dist stop     JOB_ID --address http://HEAD:8265
     rsk-dist eval     CHECKPOINT_URL --data KIND:URL[:SPLIT] [--image-size N] [--k 1 2 4 8]
+                      [--protocol all|vehicleid|revisited [--queries KIND:URL[:SPLIT] --ground-truth URL]]
     rsk-dist ingest   SOURCE TARGET_URL --layout {folders,cub200,cars196,sop,inaturalist,vehicleid}
     rsk-dist export   CHECKPOINT_URL OUT --format {torchscript,onnx}
     rsk-dist export-index CHECKPOINT_URL --data KIND:URL[:SPLIT] OUT
@@ -374,7 +375,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from rsk_dist.checkpoint import load_model
 
     model, config = load_model(args.checkpoint_url)
-    model.eval()
     example = _example_input(config, args.image_size)
     buffer = io.BytesIO()
     with torch.no_grad():
@@ -411,15 +411,11 @@ def cmd_export_index(args: argparse.Namespace) -> int:
     import numpy as np
 
     from rsk_dist.checkpoint import load_model
-    from rsk_dist.config import DataConfig
-    from rsk_dist.evaluate import embed_source
-    from rsk_dist.train import open_source
+    from rsk_dist.train import embed_with_checkpoint
 
     spec = parse_data_spec(args.data, args.exclude_class)
     model, config = load_model(args.checkpoint_url)
-    data = DataConfig(train=spec, image_size=args.image_size or config.data.image_size, augment=False)
-    source = open_source(spec, data, train=False, in_channels=config.model.in_channels)
-    emb, labels = embed_source(model, source, chunk_size=config.train.chunk_size)
+    emb, labels = embed_with_checkpoint(model, config, spec, args.image_size)
     emb = np.ascontiguousarray(emb.cpu().numpy(), dtype=np.float32)
     index = faiss.IndexIDMap(faiss.IndexFlatIP(emb.shape[1]))  # unit vectors: inner product = cosine
     index.add_with_ids(emb, np.arange(len(emb), dtype=np.int64))

@@ -55,5 +55,5 @@ def train_step(
         "backward_s": result.timings["backward_s"],
         "comm_s": comm_s,
         "step_s": t4 - t0,
-        "bytes_received": loss_stats.get("bytes_received", 0.0) + grad_bytes * (world - 1) / max(world, 1),
+        "bytes_received": loss_stats.get("bytes_received", 0.0) + grad_bytes * (world - 1) / world,
     }

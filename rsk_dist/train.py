@@ -229,6 +229,16 @@ def load_ground_truth(url: str) -> list[dict]:
     return gnd
 
 
+def embed_with_checkpoint(
+    model: nn.Module, config: JobConfig, spec: DataSource, image_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and labels of ``spec`` under a checkpoint's model and data settings
+    (test-time transform; ``image_size`` overrides the checkpoint's)."""
+    data_config = config.data.model_copy(update={"image_size": image_size or config.data.image_size})
+    source = open_source(spec, data_config, train=False, in_channels=config.model.in_channels)
+    return embed_source(model, source, chunk_size=config.train.chunk_size)
+
+
 def evaluate_checkpoint(
     checkpoint_url: str,
     data: DataSource,
@@ -243,11 +253,9 @@ def evaluate_checkpoint(
     gallery, the rest query it) or ``revisited`` (``queries`` against the ``data`` gallery,
     medium/hard mAP from ``ground_truth``)."""
     model, config = load_model(checkpoint_url)
-    data_config = config.data.model_copy(update={"image_size": image_size or config.data.image_size})
 
-    def embed(spec: DataSource):
-        source = open_source(spec, data_config, train=False, in_channels=config.model.in_channels)
-        return embed_source(model, source, chunk_size=config.train.chunk_size)
+    def embed(spec: DataSource) -> tuple[torch.Tensor, torch.Tensor]:
+        return embed_with_checkpoint(model, config, spec, image_size)
 
     if protocol == "all":
         return retrieval_metrics(*embed(data), ks=ks)
