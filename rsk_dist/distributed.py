@@ -36,15 +36,18 @@ def all_gather_rows(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor
     return out
 
 
-def _sum_own_rows(grad: Tensor, rank: int, world: int, group: dist.ProcessGroup | None) -> Tensor:
-    """Sum of every worker's ``grad`` (global rows), keeping this worker's rows."""
+def _sum_own_rows(grad: Tensor, rank: int, world: int, group: dist.ProcessGroup | None) -> tuple[Tensor, float]:
+    """Sum of every worker's ``grad`` (global rows), keeping this worker's rows; and the bytes
+    this worker receives for it (ring algorithms: a reduce-scatter receives (W-1)/W of the
+    tensor, an all-reduce twice that)."""
     rows = grad.shape[0] // world
+    share = grad.numel() * grad.element_size() * (world - 1) / world
     if dist.get_backend(group) == dist.Backend.NCCL:
         out = grad.new_empty((rows, *grad.shape[1:]))
-        _reduce_scatter(out, grad.contiguous(), group=group)  # W x less traffic
-        return out
+        _reduce_scatter(out, grad.contiguous(), group=group)
+        return out, share
     dist.all_reduce(grad, group=group)  # gloo has no reduce-scatter
-    return grad[rank * rows : (rank + 1) * rows]
+    return grad[rank * rows : (rank + 1) * rows], 2 * share
 
 
 class _WithGradient(torch.autograd.Function):
@@ -95,22 +98,18 @@ class GlobalBatchLoss(nn.Module):
             (grad,) = torch.autograd.grad(value, global_emb)
         t2 = time.perf_counter()
         value = value.detach()
+        # Bytes this worker receives: the others' embeddings, and in sharded mode its share of
+        # the gradient sum.
+        received = global_emb.numel() * global_emb.element_size() * (world - 1) / world
         if self.mode == "sharded":
-            own = _sum_own_rows(grad, rank, world, self.group)
+            own, summed = _sum_own_rows(grad, rank, world, self.group)
             dist.all_reduce(value, group=self.group)
+            received += summed
         else:
             rows = embeddings.shape[0]
             own = grad[rank * rows : (rank + 1) * rows]
         t3 = time.perf_counter()
-        gathered = global_emb.numel() * global_emb.element_size()
-        self.stats = {
-            "comm_s": (t1 - t0) + (t3 - t2),
-            "loss_s": t2 - t1,
-            # Bytes this worker receives: the others' embeddings, and in sharded mode the others'
-            # partial gradients of its rows (reduce-scatter) or of all rows (gloo's all-reduce).
-            "bytes_received": gathered * (world - 1) / world
-            + (0 if self.mode == "replicated" else gathered * (world - 1) / world),
-        }
+        self.stats = {"comm_s": (t1 - t0) + (t3 - t2), "loss_s": t2 - t1, "bytes_received": received}
         return _WithGradient.apply(embeddings, value, own.contiguous())
 
 
