@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rsk_dist.grouping import LabelGroups
+
 # Extra faiss candidates beyond k, so that a tie straddling the k-th place can usually be
 # resolved by index without a second search (rows where it can't are redone by matmul).
 _FAISS_MARGIN = 16
@@ -174,10 +176,8 @@ def _metrics(
             f"Recall@{ks[-1]} needs {ks[-1]} neighbours but each of the {len(queries)} queries "
             f"has only {available}"
         )
-    classes, counts = torch.unique(gallery_labels, return_counts=True)
-    pos = torch.searchsorted(classes, query_labels).clamp(max=len(classes) - 1)
     # R: relevant gallery items per query (the query itself, when in the gallery, is not one).
-    r = torch.where(classes[pos] == query_labels, counts[pos], 0) - int(exclude_self)
+    r = LabelGroups(gallery_labels).count_of(query_labels) - int(exclude_self)
     width = max(ks[-1], int(r.max()))
     # Like pytorch-metric-learning's AccuracyCalculator, queries with no relevant item (R = 0:
     # singleton classes when the gallery is the query set) are dropped from every metric,

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rsk_dist.grouping import LabelGroups
+
 
 class ClassBalancedSampler:
     def __init__(
@@ -31,11 +33,8 @@ class ClassBalancedSampler:
                 f"batch_size {batch_size} is not a multiple of samples_per_class {m}: "
                 f"use {batch_size - batch_size % m} or {batch_size + m - batch_size % m}"
             )
-        order = torch.argsort(labels, stable=True)
-        classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
-        members = order.split(counts.tolist())
         # Only classes with m samples can fill their slots without repeating an image.
-        self.members = [idx for idx in members if idx.numel() >= m]
+        self.members = [idx for idx in LabelGroups(labels).members() if idx.numel() >= m]
         self.classes_per_batch = batch_size // m
         if len(self.members) < self.classes_per_batch:
             raise ValueError(
@@ -84,11 +83,17 @@ class ClassBalancedSampler:
         )
 
     def shard(self, epoch: int, step: int, rank: int, world_size: int) -> Tensor:
-        """The contiguous 1/W of the global batch that worker ``rank`` embeds."""
-        if self.batch_size % world_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} does not split into {world_size} equal shards: "
-                "make it a multiple of the number of workers"
-            )
-        per = self.batch_size // world_size
-        return self.global_batch(epoch, step)[rank * per : (rank + 1) * per]
+        """The contiguous part of the global batch that worker ``rank`` embeds (see
+        :func:`shard_bounds`)."""
+        bounds = shard_bounds(self.batch_size, world_size)
+        return self.global_batch(epoch, step)[bounds[rank] : bounds[rank + 1]]
+
+
+def shard_bounds(batch_size: int, world_size: int) -> list[int]:
+    """Offsets of the W contiguous shards of a batch of B: shard r is ``[b[r], b[r+1])``. The
+    first ``B mod W`` shards hold one sample more, so every worker knows every shard's size from
+    (B, W) alone, which is what the all-gather and the sharded loss need when W does not divide B."""
+    if world_size < 1 or batch_size < world_size:
+        raise ValueError(f"a batch of {batch_size} cannot be split into {world_size} non-empty shards")
+    per, extra = divmod(batch_size, world_size)
+    return [r * per + min(r, extra) for r in range(world_size + 1)]

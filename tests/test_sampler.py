@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rsk_dist.sampler import ClassBalancedSampler
+from rsk_dist.sampler import ClassBalancedSampler, shard_bounds
 
 LABELS = torch.arange(50).repeat_interleave(7)[torch.randperm(350, generator=torch.Generator().manual_seed(0))]
 
@@ -47,7 +47,16 @@ def test_bad_settings_name_the_fix():
         ClassBalancedSampler(LABELS, 42, 4)
     with pytest.raises(ValueError, match="needs 60 classes"):
         ClassBalancedSampler(LABELS, 240, 4)
-    with pytest.raises(ValueError, match="equal shards"):
-        ClassBalancedSampler(LABELS, 40, 4).shard(0, 0, 0, 3)
+    with pytest.raises(ValueError, match="non-empty shards"):
+        ClassBalancedSampler(LABELS, 8, 4).shard(0, 0, 0, 9)
     with pytest.raises(ValueError, match=">= 2"):
         ClassBalancedSampler(LABELS, 40, 1)
+
+
+def test_uneven_shards_cover_the_global_batch_in_order():
+    sampler = ClassBalancedSampler(LABELS, 40, 4, seed=5)
+    assert shard_bounds(40, 3) == [0, 14, 27, 40]
+    for world in (1, 3, 7):
+        parts = [sampler.shard(2, 1, r, world) for r in range(world)]
+        assert [len(p) for p in parts] == [b - a for a, b in zip(shard_bounds(40, world), shard_bounds(40, world)[1:])]
+        assert torch.equal(torch.cat(parts), sampler.global_batch(2, 1))

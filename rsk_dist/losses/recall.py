@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from rsk_dist.grouping import LabelGroups
 from rsk_dist.losses.simix import Mixing, mixing
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -22,31 +23,19 @@ DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
 DEFAULT_CHUNK_ELEMENTS = 2**22
 
 
-class _Classes:
-    """Samples grouped by label, to list each query's positives without an N x N mask."""
-
-    def __init__(self, labels: Tensor) -> None:
-        sorted_labels, self.order = torch.sort(labels, stable=True)
-        classes, self.counts = torch.unique_consecutive(sorted_labels, return_counts=True)
-        self.starts = torch.cumsum(self.counts, 0) - self.counts
-        self.class_of = torch.searchsorted(classes, labels)
-
-    def num_positives(self, samples: Tensor) -> Tensor:
-        return self.counts[self.class_of[samples]] - 1
-
-    def positives(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """(C x P) indices of each query's positives and a validity mask; P = largest class - 1.
-        Padding slots point at the query itself and are masked out."""
-        cls = self.class_of[queries]
-        size = self.counts[cls]
-        offsets = torch.arange(int(size.max()), device=queries.device)
-        slot = (self.starts[cls, None] + offsets).clamp(max=self.order.numel() - 1)
-        members = self.order[slot]
-        valid = (offsets < size[:, None]) & (members != queries[:, None])
-        # The query is one of its class members: move the valid ones first, drop one column.
-        front = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :-1]
-        members, valid = members.gather(1, front), valid.gather(1, front)
-        return torch.where(valid, members, queries[:, None]), valid
+def _positives(groups: LabelGroups, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """(C x P) indices of each query's positives and a validity mask; P = largest class - 1.
+    Padding slots point at the query itself and are masked out."""
+    cls = groups.class_of[queries]
+    size = groups.counts[cls]
+    offsets = torch.arange(int(size.max()), device=queries.device)
+    slot = (groups.starts[cls, None] + offsets).clamp(max=groups.order.numel() - 1)
+    members = groups.order[slot]
+    valid = (offsets < size[:, None]) & (members != queries[:, None])
+    # The query is one of its class members: move the valid ones first, drop one column.
+    front = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :-1]
+    members, valid = members.gather(1, front), valid.gather(1, front)
+    return torch.where(valid, members, queries[:, None]), valid
 
 
 def _chunks(num_positives: Tensor, num_samples: int, chunk_size: int | None) -> Iterator[Tensor]:
@@ -75,7 +64,7 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         embeddings: Tensor,
         mixed: Mixing | None,
         queries: Tensor,
-        classes: _Classes,
+        classes: LabelGroups,
         ks: tuple[int, ...],
         tau1: float,
         tau2: float,
@@ -97,7 +86,7 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         buffer = None
         for local in _chunks(npos[has_pos], n, chunk_size):
             q = queries[has_pos[local]]
-            pos, valid = classes.positives(q)
+            pos, valid = _positives(classes, q)
             rows = emb.index_select(0, q) if mixed is None else mixed.rows(emb, q)  # C x d
             sim_real = rows @ emb.T  # C x N_real
             s = (sim_real if mixed is None else mixed.columns(sim_real)) / tau2  # C x N
@@ -187,7 +176,7 @@ def recall_at_k_surrogate(
         if not 0 <= index < count:
             raise ValueError(f"query_shard must be (index, count) with 0 <= index < count, got {query_shard}")
         queries = all_queries.tensor_split(count)[index]
-    classes = _Classes(labels)
+    classes = LabelGroups(labels)
     normalizer = int((classes.num_positives(all_queries) > 0).sum())
     if normalizer == 0:
         raise ValueError(
