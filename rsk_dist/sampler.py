@@ -1,19 +1,47 @@
 """The deterministic global sampler (spec §4, §5).
 
-A step's global batch is a pure function of (seed, epoch, step): B/m classes, m distinct
-samples each, classes laid out one after another. Worker r of W takes the r-th contiguous 1/W
-of it, so the global batch, and hence training, does not depend on W; and since no state is
-carried between steps, resuming at any (epoch, step) needs no sampler state but the position.
+A step's global batch is a pure function of (seed, epoch, step): B/m groups of m distinct
+samples of one class each, laid out one after another. Worker r of W takes the r-th contiguous
+part of it (:func:`shard_bounds`), so the global batch, and hence training, does not depend on
+W; and since no state is carried between steps, resuming at any (epoch, step) needs no sampler
+state but the position.
+
+Two modes:
+
+- ``epoch`` (the default; the authors' epochs, spec §5): every epoch shuffles each class's
+  images and cuts them into groups of m, so each image is used once per epoch and a class
+  appears in proportion to its size. A class's ``n mod m`` left-over images sit the epoch out
+  (different ones each epoch). The groups are dealt to the epoch's steps like cards: the classes
+  in a random order, each class's groups one after another, group i of the deck to step
+  ``i mod S``. So a class with at most S groups (S = steps per epoch) lands in S distinct steps
+  and never shares a batch with itself; only a class with more than S groups, i.e. more than
+  m*S images, takes ``floor`` or ``ceil`` of ``groups / S`` adjacent groups of every batch
+  (distinct images, so still no image twice in a batch). S is the number of whole batches of
+  groups; the last ``groups mod (B/m)`` groups of the deck (fewer than B/m, from the classes that
+  the random order put last) are not dealt. Steps run in a random order. A step at or past S
+  starts another pass over the data, shuffled anew.
+- ``uniform``: every step draws B/m classes uniformly without replacement and m of each class's
+  images, independently of other steps; an epoch is ``num_samples // B`` steps. Small classes
+  are seen many times per epoch and images of large ones rarely.
+
+The batches are computed vectorised (numpy over the grouping of LabelGroups) and memoised, so a
+prefetch of a step and the step itself compute it once: an epoch's whole layout at its first use
+in ``epoch`` mode, each step's batch in ``uniform`` mode.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from rsk_dist.grouping import LabelGroups
+
+SamplerMode = Literal["epoch", "uniform"]
 
 
 class ClassBalancedSampler:
@@ -23,6 +51,7 @@ class ClassBalancedSampler:
         batch_size: int,
         samples_per_class: int = 4,
         seed: int = 0,
+        mode: SamplerMode = "epoch",
     ) -> None:
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
         m = samples_per_class
@@ -33,21 +62,38 @@ class ClassBalancedSampler:
                 f"batch_size {batch_size} is not a multiple of samples_per_class {m}: "
                 f"use {batch_size - batch_size % m} or {batch_size + m - batch_size % m}"
             )
-        # Only classes with m samples can fill their slots without repeating an image.
-        self.members = [idx for idx in LabelGroups(labels).members() if idx.numel() >= m]
+        if mode not in ("epoch", "uniform"):
+            raise ValueError(f"sampler mode {mode!r} is not one of 'epoch', 'uniform'")
+        groups = LabelGroups(labels)
+        # Only classes with m samples can fill a group without repeating an image.
+        usable = (groups.counts >= m).numpy()
+        self.counts = groups.counts.numpy()[usable]
         self.classes_per_batch = batch_size // m
-        if len(self.members) < self.classes_per_batch:
+        if len(self.counts) < self.classes_per_batch:
             raise ValueError(
                 f"batch_size {batch_size} needs {self.classes_per_batch} classes with at least "
-                f"{m} samples each, but the data has {len(self.members)}: lower batch_size or "
+                f"{m} samples each, but the data has {len(self.counts)}: lower batch_size or "
                 "samples_per_class"
             )
-        self.batch_size, self.samples_per_class, self.seed = batch_size, m, seed
-        self.num_samples = sum(idx.numel() for idx in self.members)
+        # The usable classes' members, class after class (ascending index within a class).
+        self.members = groups.order.numpy()[np.repeat(usable, groups.counts.numpy())]
+        self.member_starts = np.cumsum(self.counts) - self.counts
+        self.member_class = np.repeat(np.arange(len(self.counts)), self.counts)
+        self.groups_per_class = self.counts // m
+        self.batch_size, self.samples_per_class, self.seed, self.mode = batch_size, m, seed, mode
+        self.num_samples = int(self.counts.sum())
+        # epoch mode keeps the running pass and the next one that a prefetch reaches into;
+        # uniform mode keeps steps as far ahead as any prefetch depth.
+        self._keep = 2 if mode == "epoch" else 32
+        self._memo: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def steps_per_epoch(self) -> int:
-        """Steps in which an epoch draws about as many images as the usable data holds."""
+        """``epoch`` mode: the whole batches that the epoch's groups fill; ``uniform``: the steps
+        in which as many images are drawn as the usable data holds."""
+        if self.mode == "epoch":
+            return int(self.groups_per_class.sum()) // self.classes_per_batch
         return max(1, self.num_samples // self.batch_size)
 
     def _seed(self, *keys: int) -> int:
@@ -74,19 +120,57 @@ class ClassBalancedSampler:
         return self._generator(epoch, step, stream=1)
 
     def global_batch(self, epoch: int, step: int) -> Tensor:
-        """Dataset indices of the global batch: B/m classes x m samples, class after class."""
-        g = self._generator(epoch, step, stream=0)
-        chosen = torch.randperm(len(self.members), generator=g)[: self.classes_per_batch]
-        m = self.samples_per_class
-        return torch.cat(
-            [self.members[c][torch.randperm(self.members[c].numel(), generator=g)[:m]] for c in chosen.tolist()]
-        )
+        """Dataset indices of the global batch: B/m groups of m samples of one class, group
+        after group. Shared with the memo: read it, do not write to it."""
+        if self.mode == "epoch":
+            data_pass, row = divmod(step, self.steps_per_epoch)
+            return self._memoised((epoch, data_pass), self._pass_layout)[row]
+        return self._memoised((epoch, step), self._uniform_batch)
 
     def shard(self, epoch: int, step: int, rank: int, world_size: int) -> Tensor:
         """The contiguous part of the global batch that worker ``rank`` embeds (see
         :func:`shard_bounds`)."""
         bounds = shard_bounds(self.batch_size, world_size)
         return self.global_batch(epoch, step)[bounds[rank] : bounds[rank + 1]]
+
+    def _memoised(self, key: tuple[int, int], compute: Callable[[int, int], Tensor]) -> Tensor:
+        # The lock makes a prefetch thread and the training thread that ask for the same key
+        # compute it once.
+        with self._lock:
+            if key not in self._memo:
+                self._memo[key] = compute(*key)
+                while len(self._memo) > self._keep:
+                    self._memo.popitem(last=False)
+            self._memo.move_to_end(key)
+            return self._memo[key]
+
+    def _pass_layout(self, epoch: int, data_pass: int) -> Tensor:
+        """One pass over the data as (steps_per_epoch, B) indices (see the module's docstring)."""
+        rng = np.random.default_rng(self._seed(epoch, data_pass, 0))
+        m, per_batch, steps = self.samples_per_class, self.classes_per_batch, self.steps_per_epoch
+        # Each class's members in a fresh order: sorted by class, then by a random key.
+        shuffled = self.members[np.argsort(self.member_class + rng.random(self.members.size))]
+        class_order = rng.permutation(len(self.counts))
+        groups = self.groups_per_class[class_order]
+        deck_class = np.repeat(class_order, groups)
+        ends = np.cumsum(groups)
+        deck_group = np.arange(ends[-1]) - np.repeat(ends - groups, groups)
+        first = (self.member_starts[deck_class] + deck_group * m)[: steps * per_batch]
+        first = first.reshape(per_batch, steps).T[rng.permutation(steps)]  # deck[i] -> step i mod S
+        return torch.from_numpy(shuffled[first[..., None] + np.arange(m)].reshape(steps, self.batch_size))
+
+    def _uniform_batch(self, epoch: int, step: int) -> Tensor:
+        rng = np.random.default_rng(self._seed(epoch, step, 0))
+        m = self.samples_per_class
+        chosen = rng.choice(len(self.counts), self.classes_per_batch, replace=False)
+        size = self.counts[chosen]
+        # Floyd's algorithm, all classes at once: m distinct positions in each chosen class.
+        picks = np.empty((len(chosen), m), dtype=np.int64)
+        for i in range(m):
+            top = size - m + i
+            t = (rng.random(len(chosen)) * (top + 1)).astype(np.int64)
+            picks[:, i] = np.where((picks[:, :i] == t[:, None]).any(1), top, t)
+        return torch.from_numpy(self.members[self.member_starts[chosen][:, None] + picks].reshape(-1))
 
 
 def shard_bounds(batch_size: int, world_size: int) -> list[int]:
