@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rsk_dist.models import MODEL_NAMES
+from rsk_dist.sampler import SamplerMode
 
 
 class Section(BaseModel):
@@ -85,6 +86,9 @@ class SamplerConfig(Section):
     batch_size: int = Field(ge=2)
     samples_per_class: int = Field(4, ge=2)
     seed: int = 0
+    # epoch: every image once per epoch, m at a time per class (the paper's epochs);
+    # uniform: B/m classes drawn uniformly at every step (see rsk_dist.sampler)
+    mode: SamplerMode = "epoch"
 
     @model_validator(mode="after")
     def _check(self) -> SamplerConfig:

@@ -94,7 +94,9 @@ class Trainer:
         self.eval_data = (
             open_source(c.data.eval, c.data, train=False, in_channels=c.model.in_channels) if c.data.eval else None
         )
-        self.sampler = ClassBalancedSampler(self.train_data.labels, c.sampler.batch_size, c.sampler.samples_per_class, c.sampler.seed)
+        self.sampler = ClassBalancedSampler(
+            self.train_data.labels, c.sampler.batch_size, c.sampler.samples_per_class, c.sampler.seed, c.sampler.mode
+        )
         self.steps_per_epoch = c.train.steps_per_epoch or self.sampler.steps_per_epoch
         scaler = torch.amp.GradScaler(device.type) if c.train.autocast == "fp16" else None
         self.step = LargeBatchStep(self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler)

@@ -116,6 +116,8 @@ def test_wrong_type_names_field():
     assert "train.epochs" in str(err.value) and "integer" in str(err.value)
     with pytest.raises(ConfigError, match=r"scaling\.use_gpu"):
         load_config(_tree(scaling__use_gpu="maybe"))
+    with pytest.raises(ConfigError, match=r"sampler\.mode.*'epoch' or 'uniform'"):
+        load_config(_tree(sampler__mode="balanced"))
 
 
 def test_overrides_parse_as_yaml():
