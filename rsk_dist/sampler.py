@@ -13,12 +13,13 @@ Two modes:
   appears in proportion to its size. A class's ``n mod m`` left-over images sit the epoch out
   (different ones each epoch). The groups are dealt to the epoch's steps like cards: the classes
   in a random order, each class's groups one after another, group i of the deck to step
-  ``i mod S``. So a class with at most S groups (S = steps per epoch) lands in S distinct steps
-  and never shares a batch with itself; only a class with more than S groups, i.e. more than
+  ``i mod S``. So a class with at most S groups (S = steps per epoch) has each group in another
+  step and never shares a batch with itself; only a class with more than S groups, i.e. more than
   m*S images, takes ``floor`` or ``ceil`` of ``groups / S`` adjacent groups of every batch
   (distinct images, so still no image twice in a batch). S is the number of whole batches of
   groups; the last ``groups mod (B/m)`` groups of the deck (fewer than B/m, from the classes that
-  the random order put last) are not dealt. Steps run in a random order. A step at or past S
+  the random order put last) are not dealt. Which classes share a batch follows from the class
+  order, drawn anew every epoch; the steps run in a random order. A step at or past S
   starts another pass over the data, shuffled anew.
 - ``uniform``: every step draws B/m classes uniformly without replacement and m of each class's
   images, independently of other steps; an epoch is ``num_samples // B`` steps. Small classes
@@ -82,19 +83,18 @@ class ClassBalancedSampler:
         self.groups_per_class = self.counts // m
         self.batch_size, self.samples_per_class, self.seed, self.mode = batch_size, m, seed, mode
         self.num_samples = int(self.counts.sum())
+        # epoch mode: the whole batches that the epoch's groups fill; uniform: the steps in which
+        # as many images are drawn as the usable data holds.
+        self.steps_per_epoch = (
+            int(self.groups_per_class.sum()) // self.classes_per_batch
+            if mode == "epoch"
+            else max(1, self.num_samples // batch_size)
+        )
         # epoch mode keeps the running pass and the next one that a prefetch reaches into;
         # uniform mode keeps steps as far ahead as any prefetch depth.
         self._keep = 2 if mode == "epoch" else 32
         self._memo: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
         self._lock = threading.Lock()
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """``epoch`` mode: the whole batches that the epoch's groups fill; ``uniform``: the steps
-        in which as many images are drawn as the usable data holds."""
-        if self.mode == "epoch":
-            return int(self.groups_per_class.sum()) // self.classes_per_batch
-        return max(1, self.num_samples // self.batch_size)
 
     def _seed(self, *keys: int) -> int:
         # SeedSequence mixes the numbers well: (seed, epoch, step) never collide the way
