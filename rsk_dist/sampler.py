@@ -109,6 +109,13 @@ class ClassBalancedSampler:
         self._memo: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # Sent to another process (a spawned data loader, a Ray task) without the lock and memo.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_memo", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _memo=OrderedDict(), _lock=threading.Lock())
+
     def _seed(self, *keys: int) -> int:
         # SeedSequence mixes the numbers well: (seed, epoch, step) never collide the way
         # seed + epoch * C + step would.

@@ -1,3 +1,4 @@
+import pickle
 import time
 
 import numpy as np
@@ -146,19 +147,27 @@ def test_a_prefetched_step_is_not_computed_again(mode):
     assert torch.equal(again, prefetched)
 
 
+def test_pickles_for_another_process():
+    sampler = ClassBalancedSampler(LABELS, 40, 4, seed=2)
+    sampler.global_batch(0, 0)
+    assert torch.equal(pickle.loads(pickle.dumps(sampler)).global_batch(1, 3), sampler.global_batch(1, 3))
+
+
 def test_global_batch_of_65536_under_50_ms():
     # TIMING ASSERTION (issue 11's acceptance; the only one allowed in the suite). Cold: every run
     # takes a new epoch, so it includes laying out that epoch's whole pass over ~400k images.
+    # Process CPU time (numpy runs it on one thread): on idle cores it is the wall time, and on a
+    # shared machine other tenants' load does not count.
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(rng.permutation(np.repeat(np.arange(20000), rng.integers(4, 37, 20000))))
     sampler = ClassBalancedSampler(labels, 65536, 4, seed=0)
     timings = []
     for epoch in range(5):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         batch = sampler.global_batch(epoch, 0)
-        timings.append(time.perf_counter() - t0)
+        timings.append(time.process_time() - t0)
     assert batch.numel() == 65536 and batch.unique().numel() == 65536
-    assert min(timings) < 0.05, f"global_batch at B=65536 took {min(timings):.3f} s (best of 5)"
+    assert min(timings) < 0.05, f"global_batch at B=65536 took {min(timings):.3f} CPU s (best of 5)"
 
 
 def test_a_million_labels():
