@@ -8,6 +8,7 @@ Baseline: the former sampler's loop, one ``randperm`` per drawn class in Python,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,14 +26,16 @@ from rsk_dist.sampler import ClassBalancedSampler  # noqa: E402
 M = 4
 
 
-def best(run: Callable[[int], object], repeats: int) -> float:
-    """Fastest of ``repeats`` calls, each given a fresh key so that no memo answers it."""
-    times = []
+def best(run: Callable[[int], object], repeats: int) -> tuple[float, float]:
+    """Fastest wall and process CPU seconds of ``repeats`` calls, each given a fresh key so that
+    no memo answers it. CPU time leaves out the other tenants of a shared machine."""
+    wall, cpu = [], []
     for key in range(repeats):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         run(key)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return min(wall), min(cpu)
 
 
 def loop_baseline(labels: torch.Tensor, batch: int) -> Callable[[int], torch.Tensor]:
@@ -49,31 +52,31 @@ def loop_baseline(labels: torch.Tensor, batch: int) -> Callable[[int], torch.Ten
 def timing_rows(classes: int, batch: int, repeats: int) -> list[list[str]]:
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(rng.permutation(np.repeat(np.arange(classes), rng.integers(4, 37, classes))))
-    t0 = time.perf_counter()
-    baseline = loop_baseline(labels, batch)
-    base_build = time.perf_counter() - t0
-    base = best(baseline, repeats)
-    t0 = time.perf_counter()
-    epoch = ClassBalancedSampler(labels, batch, M, mode="epoch")
-    build = time.perf_counter() - t0
+    baseline: list[Callable[[], object]] = []
+    base_build = best(lambda _: baseline.append(loop_baseline(labels, batch)), 1)
+    samplers: dict[str, ClassBalancedSampler] = {}
+    build = best(lambda _: samplers.update(epoch=ClassBalancedSampler(labels, batch, M, mode="epoch")), 1)
     uniform = ClassBalancedSampler(labels, batch, M, mode="uniform")
+    epoch = samplers["epoch"]
     steps = epoch.steps_per_epoch
-    cold = best(lambda e: epoch.global_batch(e, 0), repeats)
-    whole = best(lambda e: [epoch.global_batch(100 + e, s) for s in range(steps)], repeats) / steps
-    memo = best(lambda s: epoch.global_batch(0, s % steps), repeats)
-    uni = best(lambda s: uniform.global_batch(0, s), repeats)
+    base = best(baseline[0], repeats)
+    cases = [
+        ("uniform mode, any step", best(lambda s: uniform.global_batch(0, s), repeats), 1),
+        (f"epoch mode, first step of an epoch (lays out all {steps} steps)",
+         best(lambda e: epoch.global_batch(e, 0), repeats), 1),
+        ("epoch mode, per step over a whole epoch",
+         best(lambda e: [epoch.global_batch(100 + e, s) for s in range(steps)], repeats), steps),
+        ("epoch mode, a step already laid out (prefetched)", best(lambda s: epoch.global_batch(0, s % steps), repeats), 1),
+    ]
     n = f"{len(labels):,} labels, {classes:,} classes"
     ms = lambda s: f"{1e3 * s:.2f}"  # noqa: E731
-    return [
-        [n, "loop baseline (former sampler), any step", ms(base), "1.0x", ms(base_build)],
-        [n, "uniform mode, any step", ms(uni), f"{base / uni:.0f}x", ms(build)],
-        [n, f"epoch mode, first step of an epoch (lays out all {steps} steps)", ms(cold), f"{base / cold:.0f}x", ms(build)],
-        [n, "epoch mode, per step over a whole epoch", ms(whole), f"{base / whole:.0f}x", ms(build)],
-        [n, "epoch mode, a step already laid out (prefetched)", ms(memo), f"{base / memo:.0f}x", ms(build)],
-    ]
+    rows = [[n, "loop baseline (former sampler), any step", ms(base[0]), ms(base[1]), "1x", ms(base_build[1])]]
+    for name, (wall, cpu), per in cases:
+        rows.append([n, name, ms(wall / per), ms(cpu / per), f"{base[1] * per / max(cpu, 1e-6):.0f}x", ms(build[1])])
+    return rows
 
 
-def coverage_rows(batch: int) -> list[list[str]]:
+def coverage_rows(batch: int) -> tuple[int, list[list[str]]]:
     sizes = np.random.default_rng(0).integers(4, 405, 2000)
     labels = torch.from_numpy(np.random.default_rng(1).permutation(np.repeat(np.arange(2000), sizes)))
     rows = []
@@ -86,22 +89,23 @@ def coverage_rows(batch: int) -> list[list[str]]:
             mode, str(sampler.steps_per_epoch), f"{100 * (uses > 0).mean():.1f}", f"{100 * (uses > 1).mean():.1f}",
             f"{uses[size_of < 20].mean():.2f}", f"{uses[size_of >= 200].mean():.2f}",
         ])
-    return rows
+    return len(labels), rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start\n")
     print(f"global batch of 65536 (m = {M}), best of {args.repeats}; ratio = baseline / ours\n")
     rows = timing_rows(20000, 65536, args.repeats) + timing_rows(50000, 65536, args.repeats)
-    print(table(["data", "sampler", "ms per global batch", "speed-up", "construction ms"], rows))
-    print("\none epoch of 2000 classes of 4 to 404 images (403,979 images), B = 4000, m = 4\n")
+    print(table(["data", "sampler", "wall ms per global batch", "CPU ms", "speed-up (CPU)", "construction CPU ms"], rows))
+    images, rows = coverage_rows(4000)
+    print(f"\none epoch of 2000 classes of 4 to 404 images ({images:,} images), B = 4000, m = 4\n")
     print(table(
         ["mode", "steps per epoch", "% of images seen", "% seen more than once",
          "uses per image, classes < 20 images", "uses per image, classes >= 200 images"],
-        coverage_rows(4000),
+        rows,
     ))
 
 
