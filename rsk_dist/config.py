@@ -6,6 +6,7 @@ variables or profiles), so no saved config or checkpoint can carry a secret.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -197,7 +198,8 @@ def load_config(
 ) -> JobConfig:
     """A validated :class:`JobConfig` from a YAML path (or a dict) plus ``a.b=c`` overrides."""
     if isinstance(source, dict):
-        tree, name = dict(source), "(dict)"
+        # Overrides write into nested sections: never into the caller's.
+        tree, name = copy.deepcopy(source), "(dict)"
     else:
         path = Path(source)
         if not path.is_file():

@@ -327,3 +327,10 @@ def test_cli_export_index_without_faiss_is_clean(capsys, monkeypatch):
     assert main(["export-index", "file:///nope", "--data", "digits:test", "/tmp/x.faiss"]) == 2
     err = capsys.readouterr().err
     assert "needs faiss" in err and "Traceback" not in err
+
+
+def test_overrides_leave_the_callers_dict_alone():
+    tree = _tree()
+    before = yaml.safe_dump(tree)
+    assert load_config(tree, ["sampler.seed=7"]).sampler.seed == 7
+    assert yaml.safe_dump(tree) == before
