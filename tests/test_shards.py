@@ -18,6 +18,7 @@ pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from tests.images import OMNIGLOT_ZIP, image_bytes  # noqa: E402
+from rsk_dist.data.feeder import Feeder  # noqa: E402
 from rsk_dist.data.shards import BadSampleError, ShardReadError, ShardSource  # noqa: E402
 from rsk_dist.data.sources import Source  # noqa: E402
 from rsk_dist.ingest import ingest  # noqa: E402
@@ -52,15 +53,15 @@ def test_omniglot_from_s3_is_byte_identical_to_the_zip(omniglot_s3):
     assert src.class_names[0] == "Balinese/character01"
     idx = ClassBalancedSampler(src.labels, batch_size=64, samples_per_class=4, seed=3).shard(0, 0, 0, 1)
     images, labels = src(idx)
-    assert images.shape == (64, 1, size, size) and images.dtype == torch.float32
+    assert images.shape == (64, 1, size, size) and images.dtype == torch.uint8
     assert torch.equal(labels, src.labels[idx]) and labels.view(16, 4).unique(dim=1).shape[1] == 1
     with zipfile.ZipFile(OMNIGLOT_ZIP) as z:
         for k, (raw, i) in enumerate(zip(src.read_bytes(idx), idx.tolist())):
             member = src.sample_ids[i]
             assert raw == z.read(member)  # the stored bytes are the zip's
             assert src.class_names[labels[k]] == "/".join(member.split("/")[1:3])
-            pixels = np.asarray(Image.open(io.BytesIO(z.read(member))).convert("L"), dtype=np.float32)
-            assert torch.equal(images[k, 0], torch.from_numpy(pixels[6:98, 6:98] / 255.0))
+            pixels = np.asarray(Image.open(io.BytesIO(z.read(member))).convert("L"), dtype=np.uint8)
+            assert torch.equal(images[k, 0], torch.from_numpy(pixels[6:98, 6:98].copy()))
     # Ranged reads grouped by shard: far fewer requests than images.
     assert 0 < src.stats["requests"] < len(idx) // 2
 
@@ -78,7 +79,6 @@ def test_prefetch_and_deterministic_augmentation(omniglot_s3):
     assert not torch.equal(x1, x3)  # another seed, other crops
     # Two images of one class are cropped differently.
     assert not torch.equal(x1[0], x1[1])
-    assert 0.0 <= float(x1.min()) and float(x1.max()) <= 1.0
     # A sample's crop depends on the step's key and on the sample alone: split between two
     # workers, the batch is augmented as it is in one piece; another step's key crops otherwise.
     a.prefetch(idx, key=5)
@@ -88,18 +88,19 @@ def test_prefetch_and_deterministic_augmentation(omniglot_s3):
     assert not torch.equal(whole, x1)
 
 
-def test_local_rgb_source_normalises_and_keeps_labels(tmp_path):
+def test_local_rgb_source_is_uint8_normalised_by_the_feeder(tmp_path):
     make_folders(tmp_path / "src", classes=4)
     ingest(str(tmp_path / "src"), f"file://{tmp_path}/ds", "folders", shard_bytes=4000)
     src = ShardSource(f"file://{tmp_path}/ds", "train", image_size=24, train=False, in_channels=3)
     images, labels = src(torch.tensor([0, 1, 4, 5]))
-    assert images.shape == (4, 3, 24, 24) and labels.tolist() == [0, 0, 1, 1]
+    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 1, 1]
     raw = np.asarray(Image.open(io.BytesIO(src.read_bytes([0])[0])).convert("RGB"), dtype=np.float32) / 255
+    assert abs(float(images[0].float().mean()) / 255 - raw.mean()) < 0.05  # resize/crop keeps the overall level
+    floats, fed_labels = Feeder(src)(torch.tensor([0, 1, 4, 5]))
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    unnorm = images[0] * std + mean
-    assert float(unnorm.min()) >= -1e-5 and float(unnorm.max()) <= 1 + 1e-5
-    assert abs(float(unnorm.mean()) - raw.mean()) < 0.05  # resize/crop keeps the overall level
+    assert floats.dtype == torch.float32 and torch.equal(fed_labels, labels)
+    torch.testing.assert_close(floats * std + mean, images.float() / 255)
     assert src.describe(5)["sample_id"] == "class1/1.png"
 
 
