@@ -3,6 +3,7 @@ augmentation's determinism, bad samples, read errors, the local cache and pickli
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import time
 import warnings
@@ -190,3 +191,145 @@ def test_pickled_source_carries_no_secret_and_still_reads(s3, omniglot_s3):
     clone = pickle.loads(blob)
     idx = torch.tensor([3, 4, 40, 41])
     assert torch.equal(clone(idx)[0], src(idx)[0])
+
+
+# --------------------------------------------------------------------------- issue 11: the data path at scale
+
+
+def _jpeg_dataset(tmp_path: Path, classes: int = 6, per_class: int = 4) -> str:
+    for c in range(classes):
+        for i in range(per_class):
+            path = tmp_path / "src" / f"class{c}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(100 * c + i, fmt="JPEG", size=(48, 36)))
+    url = f"file://{tmp_path}/ds"
+    ingest(str(tmp_path / "src"), url, "folders", shard_bytes=6000)
+    return url
+
+
+def test_augmentation_is_identical_whatever_decoders_prefetch_depth_and_workers(tmp_path):
+    url = _jpeg_dataset(tmp_path)
+    labels = ShardSource(url, "train", image_size=16, train=True).labels
+    sampler = ClassBalancedSampler(labels, batch_size=8, samples_per_class=4, seed=1)
+    steps, epochs = 3, 2
+
+    def run(decoders: int, depth: int, world: int) -> torch.Tensor:
+        feeders = [
+            Feeder(ShardSource(url, "train", image_size=16, train=True, seed=5, decoders=decoders, max_pending=depth + 1))
+            for _ in range(world)
+        ]
+        batches = []
+        for e in range(epochs):
+            for s in range(steps):
+                parts = []
+                for rank, feeder in enumerate(feeders):
+                    feeder.prefetch_ahead(sampler, e, s, steps, epochs * steps, depth, rank, world)
+                    parts.append(feeder.source(sampler.shard(e, s, rank, world), sampler.augment_key(e, s))[0])
+                batches.append(torch.cat(parts))
+        for feeder in feeders:
+            assert feeder.source.stats["prefetch_misses"] == (1 if depth else epochs * steps)
+            feeder.source.close()
+        return torch.stack(batches)
+
+    reference = run(decoders=1, depth=0, world=1)
+    assert reference.dtype == torch.uint8 and not torch.equal(reference[0], reference[1])
+    for decoders, depth, world in ((3, 0, 1), (1, 6, 1), (2, 2, 2), (3, 6, 4)):
+        assert torch.equal(run(decoders, depth, world), reference), (decoders, depth, world)
+
+
+def test_exclude_classes_reaches_shards_from_the_config(tmp_path):
+    from rsk_dist.config import DataConfig
+    from rsk_dist.train import open_source
+
+    make_folders(tmp_path / "src", classes=3)
+    ingest(str(tmp_path / "src"), str(tmp_path / "ds"), "folders")
+    data = DataConfig.model_validate({
+        "train": {"kind": "shards", "url": str(tmp_path / "ds"), "split": "train", "exclude_classes": ["class1"]},
+        "image_size": 16,
+    })
+    fed = open_source(data.train, data, train=False, in_channels=3)
+    assert fed.source.class_names == ["class0", "class2"] and len(fed) == 8
+    images, labels = fed(torch.arange(8))
+    assert images.dtype == torch.float32 and labels.tolist() == [0] * 4 + [1] * 4
+
+
+def test_prefetch_of_six_steps_serves_every_step_after_the_first_across_epochs(tmp_path):
+    from rsk_dist.config import load_config
+    from rsk_dist.train import Trainer
+
+    url = _jpeg_dataset(tmp_path, classes=4, per_class=6)
+    config = load_config({
+        "model": {"name": "small_cnn", "dim": 8, "in_channels": 1},
+        "data": {"train": {"kind": "shards", "url": url, "split": "train"}, "image_size": 16, "prefetch_steps": 6},
+        "sampler": {"batch_size": 8, "samples_per_class": 4},
+        "train": {"epochs": 2, "steps_per_epoch": 5, "chunk_size": 8},
+        "run": {"storage_path": f"file://{tmp_path}/runs"},
+    })
+    trainer = Trainer(config, torch.device("cpu"))
+    reported = []
+    trainer.run(lambda metrics, state: reported.append(metrics))
+    source = trainer.train_data.source
+    # Six ahead with five steps an epoch: the second epoch's steps are prefetched in the first.
+    assert source.stats["prefetch_misses"] == 1 and source.stats["prefetch_hits"] == 9
+    steps = [m for m in reported if "data_wait_s" in m]
+    assert len(steps) == 10 and all(m["data_wait_s"] >= 0 and m["data_s"] > 0 for m in steps)
+
+
+SHARED_CACHE_READER = """
+import sys, time, torch
+from rsk_dist.data.shards import ShardSource, cached_shards
+src = ShardSource(sys.argv[1], None, image_size=16, train=False, cache_dir=sys.argv[2])
+src(torch.arange(len(src)))
+deadline = time.time() + 60
+while len(cached_shards(sys.argv[2])) < len(src.shard_names) and time.time() < deadline:
+    time.sleep(0.05)  # this process's or the other's background downloads
+src.close()
+print(src.stats["downloads"])
+"""
+
+
+def test_two_processes_on_a_node_download_each_shard_once(s3, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    make_folders(tmp_path / "src", classes=4)
+    url = s3.url()
+    ingest(str(tmp_path / "src"), url, "folders", shard_bytes=3000)
+    shards = len(ShardSource(url, None, image_size=16, train=False).shard_names)
+    assert shards >= 3
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SHARED_CACHE_READER, url, str(cache)], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    downloads = [int(p.communicate(timeout=120)[0].split()[-1]) for p in procs]
+    assert sum(downloads) == shards
+    assert len(list(cache.rglob("shard-*.bin"))) == shards and not list(cache.rglob("*.tmp-*"))
+
+
+def test_eviction_keeps_the_cache_under_its_limit(s3, tmp_path):
+    from rsk_dist.data.shards import cached_shards
+
+    make_folders(tmp_path / "src", classes=4)
+    url = s3.url()
+    ingest(str(tmp_path / "src"), url, "folders", shard_bytes=3000)
+    probe = ShardSource(url, None, image_size=16, train=False)
+    sizes = [probe.manifest["shards"][n]["size"] for n in probe.shard_names]
+    limit = sum(sorted(sizes)[-2:])  # room for any two shards, not for all
+    assert len(sizes) >= 3 and limit < sum(sizes)
+    cache = str(tmp_path / "cache")
+    src = ShardSource(url, None, image_size=16, train=False, cache_dir=cache, cache_max_bytes=limit)
+    for shard in range(len(sizes)):  # one shard at a time: each download needs room
+        first = int(np.flatnonzero(src._shard == shard)[0])
+        src(torch.tensor([first]))
+        src.close()
+        assert sum(os.path.getsize(p) for p in cached_shards(cache)) <= limit
+    assert src.stats["downloads"] == len(sizes) and len(cached_shards(cache)) < len(sizes)
+    # The last shard read is the one kept for sure; reads of evicted shards go to the store.
+    last = src.shard_names[-1].split("/")[-1]
+    assert last in {os.path.basename(p) for p in cached_shards(cache)}
+    requests = src.stats["requests"]
+    src(torch.arange(len(src)))
+    assert src.stats["requests"] > requests
