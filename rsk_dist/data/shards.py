@@ -311,7 +311,7 @@ class ShardSource:
         self.bad_sample_ids: list[str] = []
         self.last_fetch_s = 0.0
         self.stats = {
-            "requests": 0, "bytes_read": 0, "cache_reads": 0, "downloads": 0,
+            "requests": 0, "bytes_read": 0, "cache_reads": 0, "downloads": 0, "cache_failures": 0,
             "prefetch_hits": 0, "prefetch_misses": 0,
         }
         self._fs, self._root = dataset.fs, dataset.root
@@ -437,6 +437,8 @@ class ShardSource:
         self._cache_pool.submit(self._download, name)
 
     def _download(self, name: str) -> None:
+        if self._cache_off:  # queued before the disk filled up
+            return
         path = self._cached_path(name)
         assert path is not None and self.cache_dir is not None
         size = self._expected_size(name)
@@ -459,8 +461,10 @@ class ShardSource:
                 os.replace(tmp, path)
                 with self._lock:
                     self.stats["downloads"] += 1
-        except OSError as err:
-            if err.errno not in DISK_ERRORS:
+        except Exception as err:  # noqa: BLE001 - the cache is an optimisation; reads go on from the store
+            with self._lock:
+                self.stats["cache_failures"] += 1
+            if not (isinstance(err, OSError) and err.errno in DISK_ERRORS):
                 log.warning("could not cache %s of %s in %s: %s", name, redact(self.url), self.cache_dir, redact(err))
                 return
             self._cache_off = True
@@ -471,8 +475,6 @@ class ShardSource:
             )
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        except Exception as err:  # noqa: BLE001 - the cache is an optimisation; reads go remote
-            log.warning("could not cache %s of %s in %s: %s", name, redact(self.url), self.cache_dir, redact(err))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
