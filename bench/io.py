@@ -10,7 +10,8 @@ augments as the paper does: random resized crop to 224 and a horizontal flip.
   ``DataLoader`` with 1 and 2 worker processes: float32 batches.
 - ours: :class:`rsk_dist.data.shards.ShardSource` with 1 and 2 decoder threads, prefetching two
   batches ahead as training does, from S3 behind a TCP proxy (written here) that holds every
-  request for 30 ms before passing it on, and from local disk: uint8 batches.
+  request for 30 ms before passing it on, and from local disk: uint8 batches; and from local
+  disk with ``draft`` (JPEGs decoded at reduced size where the crop allows; off by default).
 
     python bench/io.py [--images 2048] [--batches 3] [--latency-ms 30]
     python bench/io.py --train 12     # acceptance 2: a CPU training run from the slowed S3
@@ -176,10 +177,10 @@ def run_baseline(root: str, workers: int, count: int) -> dict:
     return {"images_per_s": BATCH * count / seconds, "bytes_per_image": out[0][0].nbytes, "requests_per_batch": BATCH}
 
 
-def run_ours(url: str, decoders: int, count: int) -> dict:
+def run_ours(url: str, decoders: int, count: int, draft: bool = False) -> dict:
     from rsk_dist.data.shards import ShardSource
 
-    src = ShardSource(url, "train", image_size=SIZE, train=True, decoders=decoders, max_pending=3)
+    src = ShardSource(url, "train", image_size=SIZE, train=True, decoders=decoders, max_pending=3, draft=draft)
     steps = batches(src.labels, count)
     t0 = time.perf_counter()
     for s, idx in enumerate(steps):
@@ -233,7 +234,7 @@ def main() -> None:
         elif kind == "train":
             result = run_training(where, n, int(count))
         else:
-            result = run_ours(where, int(n), int(count))
+            result = run_ours(where, int(n), int(count), draft=kind == "ours-draft")
         print(json.dumps(result))
         return
 
@@ -275,6 +276,7 @@ def main() -> None:
                 cases[("baseline", n)] = ["baseline", tmp, str(n)]
                 cases[("s3", n)] = ["ours", f"s3://{BUCKET}/shards", str(n)]
                 cases[("disk", n)] = ["ours", f"file://{tmp}/shards", str(n)]
+                cases[("draft", n)] = ["ours-draft", f"file://{tmp}/shards", str(n)]
             results = {}
             for key, case in cases.items():
                 results[key] = in_subprocess(__file__, [*case, str(args.batches)])
@@ -289,6 +291,7 @@ def main() -> None:
         "baseline": "baseline: DataLoader, one local file per image",
         "s3": f"ours: S3 (+{args.latency_ms:.0f} ms per request), shards",
         "disk": "ours: local disk, shards",
+        "draft": "ours: local disk, shards, data.draft",
     }
     rows = []
     for (kind, n), r in results.items():

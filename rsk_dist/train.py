@@ -52,7 +52,7 @@ def open_source(
             exclude_classes=spec.exclude_classes, read_concurrency=data.read_concurrency,
             decoders=data.decoders or (max(1, int(cpus)) if cpus else None),
             # this step's batch and prefetch_steps more (evaluation prefetches one chunk ahead)
-            max_pending=max(2, data.prefetch_steps + 1), cache_max_bytes=data.cache_max_bytes,
+            max_pending=max(2, data.prefetch_steps + 1), cache_max_bytes=data.cache_max_bytes, draft=data.draft,
         ), device)
     if train and data.augment:
         source = MemorySource(source.images, source.labels, augment_seed=seed)

@@ -365,3 +365,20 @@ def test_a_full_cache_disk_turns_caching_off_with_one_warning(s3, tmp_path):
     warned, failures, downloads, requests = map(int, out.stdout.split())
     # One failed download, one warning; no download after it, and every read still served.
     assert (warned, failures, downloads) == (1, 1, 0) and requests > 0
+
+
+def test_draft_decodes_jpegs_smaller_cropping_the_same_region(tmp_path):
+    y, x = np.mgrid[0:150, 0:200]
+    for c in range(2):
+        for i in range(4):
+            arr = np.stack([x * (1 + i) % 256, y * (1 + c), (x + y) // 2], -1).astype(np.uint8)
+            path = tmp_path / "src" / f"class{c}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path, quality=95)
+    ingest(str(tmp_path / "src"), str(tmp_path / "ds"), "folders")
+    idx = torch.arange(8)
+    exact, _ = ShardSource(str(tmp_path / "ds"), "train", image_size=12, train=True)(idx, key=3)
+    drafted, _ = ShardSource(str(tmp_path / "ds"), "train", image_size=12, train=True, draft=True)(idx, key=3)
+    # Reduced-size decoding changes pixels (hence off by default), not the region cropped.
+    assert not torch.equal(exact, drafted)
+    assert float((exact.float() - drafted.float()).abs().mean()) < 8

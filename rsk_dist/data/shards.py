@@ -85,13 +85,36 @@ class ShardReadError(OSError):
 # --------------------------------------------------------------------------- image functions
 
 
-def decode(data: bytes, in_channels: int) -> Any:
-    """A fully decoded Pillow image, greyscale (``in_channels=1``) or RGB (3)."""
+def load_image(data: bytes | memoryview, in_channels: int, image_size: int, rng: np.random.Generator | None, draft: bool = False) -> Any:
+    """The encoded image decoded (greyscale for ``in_channels=1``, else RGB) and cropped to
+    ``image_size``: with ``rng``, a random resized crop and a horizontal flip with probability
+    1/2 (training); without, the shorter side resized to ``round(image_size * 256 / 224)`` and
+    the centre square (evaluation). The crop is drawn from the stored image's size, before
+    decoding, so ``draft`` (a JPEG decoded at 1/2, 1/4 or 1/8 scale where the crop keeps at
+    least ``image_size`` pixels a side) crops the same region, but its pixels differ slightly."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    box = crop_box(width, height, rng) if rng is not None else None
+    mode = "L" if in_channels == 1 else "RGB"
+    if draft:
+        scale = min(box[2:]) / image_size if box else min(width, height) / round(image_size * 256 / 224)
+        if scale >= 2:
+            img.draft(mode, (math.ceil(width / scale), math.ceil(height / scale)))
     img.load()
-    return img.convert("L" if in_channels == 1 else "RGB")
+    img = img.convert(mode)
+    if box is None:
+        return centre_crop(img, image_size)
+    assert rng is not None
+    left, top, w, h = box
+    if img.size != (width, height):  # decoded at reduced size: the box in its pixels
+        fx, fy = img.width / width, img.height / height
+        left, top, w, h = left * fx, top * fy, w * fx, h * fy
+    out = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
 
 
 def crop_box(
@@ -123,18 +146,11 @@ def crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def transform(img: Any, image_size: int, train: bool, rng: np.random.Generator | None) -> Any:
-    """Training: random resized crop + horizontal flip (needs ``rng``). Evaluation: shorter
-    side to ``round(image_size * 256 / 224)``, centre crop ``image_size``."""
+def centre_crop(img: Any, image_size: int) -> Any:
+    """The evaluation transform: shorter side to ``round(image_size * 256 / 224)``, centre
+    ``image_size`` square."""
     from PIL import Image
 
-    if train:
-        assert rng is not None
-        left, top, w, h = crop_box(img.width, img.height, rng)
-        out = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-        if rng.random() < 0.5:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return out
     short = int(round(image_size * 256 / 224))
     w, h = img.size
     if w <= h:
@@ -228,7 +244,9 @@ class ShardSource:
     ``exclude_classes``: class names (or their first path component) to leave out.
     ``merge_gap``: bytes between two samples of a shard below which they are read by one
     request. ``read_concurrency``: ranged reads in flight at once. ``decoders``: decoding
-    threads (default: the CPUs this process may use). ``max_pending``: prefetched batches held
+    threads (default: the CPUs this process may use). ``draft``: decode JPEGs at reduced size
+    where the crop allows (see :func:`load_image`; off by default: it changes pixels).
+    ``max_pending``: prefetched batches held
     (a caller that prefetches P steps ahead needs P + 1: the current step's and P more).
     ``last_fetch_s``: after a call, seconds from when its batch was asked for (prefetch or
     call) to when its last image was decoded.
@@ -252,6 +270,7 @@ class ShardSource:
         decoders: int | None = None,
         max_pending: int = 3,
         cache_max_bytes: int | None = None,
+        draft: bool = False,
     ) -> None:
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {in_channels}")
@@ -269,7 +288,7 @@ class ShardSource:
         self.in_channels, self.on_bad_sample, self.seed = in_channels, on_bad_sample, seed
         self.cache_dir, self.cache_max_bytes, self.normalize = cache_dir, cache_max_bytes, normalize
         self.merge_gap, self.read_concurrency, self.decoders = merge_gap, read_concurrency, decoders
-        self.max_pending = max_pending
+        self.max_pending, self.draft = max_pending, draft
         # The float conversion the consumer applies on its device: (x / 255 - mean) / std.
         self.mean = IMAGENET_MEAN if normalize == "imagenet" else None
         self.std = IMAGENET_STD if normalize == "imagenet" else None
@@ -549,11 +568,11 @@ class ShardSource:
         return np.random.default_rng([self.seed, key, sample])
 
     def _decode(self, raw: bytes | memoryview, sample: int, key: int) -> Tensor | _Bad:
+        rng = self._rng(key, sample) if self.train else None
         try:
-            img = decode(raw, self.in_channels)
+            img = load_image(raw, self.in_channels, self.image_size, rng, self.draft)
         except Exception as err:  # noqa: BLE001 - Pillow raises many types for a bad image
             return _Bad(f"{type(err).__name__}: {err}")
-        img = transform(img, self.image_size, self.train, self._rng(key, sample) if self.train else None)
         return to_tensor(img)
 
     def _decode_timed(self, raw: memoryview, sample: int, key: int) -> tuple[Tensor | _Bad, float]:
