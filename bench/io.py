@@ -119,6 +119,14 @@ def start_proxy(target_port: int, latency_s: float) -> int:
     return ready[0]
 
 
+def store_cpu_s(moto_pid: int) -> float:
+    """CPU seconds used so far by the moto server and by this process (the proxy's thread; the
+    rest of this process only waits for the cases)."""
+    with open(f"/proc/{moto_pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + time.process_time()
+
+
 def start_moto() -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -279,7 +287,9 @@ def main() -> None:
                 cases[("draft", n)] = ["ours-draft", f"file://{tmp}/shards", str(n)]
             results = {}
             for key, case in cases.items():
+                cpu = store_cpu_s(moto.pid)
                 results[key] = in_subprocess(__file__, [*case, str(args.batches)])
+                results[key]["store_cpu_s"] = (store_cpu_s(moto.pid) - cpu) / args.batches
                 print(f"done {key}: {results[key]}", file=sys.stderr)
     finally:
         os.environ.clear()
@@ -296,14 +306,14 @@ def main() -> None:
     rows = []
     for (kind, n), r in results.items():
         if "error" in r:
-            rows.append([names[kind], str(n), "-", r["error"], "-", "-", "-"])
+            rows.append([names[kind], str(n), "-", r["error"], "-", "-", "-", "-"])
             continue
         base = results[("baseline", n)].get("images_per_s")
         one = results[(kind, 1)].get("images_per_s")
         rows.append([
             names[kind], str(n), f"{r['requests_per_batch']:.0f}", f"{r['images_per_s']:.0f}",
             f"{r['images_per_s'] / base:.2f}x" if base else "-", f"{r['images_per_s'] / one:.2f}x" if one else "-",
-            f"{r['bytes_per_image']:,}",
+            f"{r['bytes_per_image']:,}", f"{r['store_cpu_s']:.1f}" if kind == "s3" else "-",
         ])
     print(
         f"Batches of {BATCH} (128 classes x 4), {args.batches} per case, random resized crop {SIZE} + flip, "
@@ -311,7 +321,7 @@ def main() -> None:
         f"{load:.1f}: {machine()}\n"
     )
     print(table(["source", "decoders / workers", "requests / batch", "images/s", "vs baseline, same cores",
-                 "vs 1 decoder / worker", "bytes / image to trainer"], rows))
+                 "vs 1 decoder / worker", "bytes / image to trainer", "moto + proxy CPU s / batch"], rows))
 
 
 if __name__ == "__main__":
