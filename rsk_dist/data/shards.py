@@ -578,17 +578,19 @@ class ShardSource:
     def _decode_timed(self, raw: memoryview, sample: int, key: int) -> tuple[Tensor | _Bad, float]:
         return self._decode(raw, sample, key), time.perf_counter()
 
-    def _fetch(self, idx: np.ndarray, key: int) -> list[tuple[int, Future]]:
-        """Reads the batch's runs, then hands each image to the decoders."""
+    def _read_samples(self, idx: np.ndarray) -> Iterator[tuple[int, int, memoryview]]:
+        """``(position in idx, sample, its encoded bytes)`` for every sample, read run by run."""
         runs = self._runs(idx)
-        decoders = self._pools()[1]
-        tasks = []
         for run, data in zip(runs, self._read_runs(runs)):
             view = memoryview(data)
             for pos, s in run.members:
                 a = int(self._offset[s]) - run.start
-                tasks.append((pos, decoders.submit(self._decode_timed, view[a : a + int(self._length[s])], s, key)))
-        return tasks
+                yield pos, s, view[a : a + int(self._length[s])]
+
+    def _fetch(self, idx: np.ndarray, key: int) -> list[tuple[int, Future]]:
+        """Reads the batch, then hands each image to the decoders."""
+        decoders = self._pools()[1]
+        return [(pos, decoders.submit(self._decode_timed, raw, s, key)) for pos, s, raw in self._read_samples(idx)]
 
     def _indices(self, indices: Tensor | np.ndarray | list[int]) -> np.ndarray:
         if isinstance(indices, Tensor):
@@ -617,11 +619,8 @@ class ShardSource:
         """The samples' encoded bytes as stored (what the ingest copied from the source)."""
         idx = self._indices(indices)
         out: list[bytes] = [b""] * idx.size
-        runs = self._runs(idx)
-        for run, data in zip(runs, self._read_runs(runs)):
-            for pos, s in run.members:
-                a = int(self._offset[s]) - run.start
-                out[pos] = data[a : a + int(self._length[s])]
+        for pos, _, raw in self._read_samples(idx):
+            out[pos] = bytes(raw)
         return out
 
     def __call__(self, indices: Tensor | np.ndarray | list[int], key: int = 0) -> tuple[Tensor, Tensor]:
