@@ -80,7 +80,11 @@ class DataConfig(Section):
     augment: bool = True
     on_bad_sample: Literal["skip", "fail"] = "skip"
     prefetch_steps: int = Field(2, ge=0)
+    read_concurrency: int = Field(64, ge=1)  # ranged reads in flight per worker (and S3 connections)
+    decoders: int | None = Field(None, ge=1)  # decoding threads per worker; None: scaling.cpus_per_worker
+    draft: bool = False  # JPEGs decoded at reduced size where the crop allows: faster, pixels differ
     cache_dir: str | None = None
+    cache_max_bytes: int | None = Field(None, ge=0)  # shards kept in cache_dir; None: no limit
 
 
 class SamplerConfig(Section):

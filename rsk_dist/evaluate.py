@@ -28,8 +28,14 @@ def embed_source(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    chunks = mine.split(chunk_size)
+    prefetch = getattr(source, "prefetch", None)
+    parts = []
     try:
-        parts = [model(source(idx)[0].to(device)).float() for idx in mine.split(chunk_size)]
+        for i, idx in enumerate(chunks):
+            if prefetch is not None and i + 1 < len(chunks):
+                prefetch(chunks[i + 1])  # read and decode the next chunk while this one is embedded
+            parts.append(model(source(idx)[0].to(device)).float())
     finally:
         model.train(was_training)
     emb = torch.cat(parts) if parts else torch.empty(0, device=device)

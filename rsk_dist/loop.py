@@ -30,7 +30,9 @@ def train_step(
     group: torch.distributed.ProcessGroup | None = None,
 ) -> dict[str, float]:
     """Runs one step, ``fetch(indices, augment_key)`` giving the images (a data source, see
-    rsk_dist.data.sources); returns its metrics (loss, images/s, seconds per phase, bytes sent)."""
+    rsk_dist.data.sources); returns its metrics (loss, images/s, seconds per phase, bytes sent).
+    ``data_wait_s`` is how long the step waited for its batch; ``data_s`` how long fetching the
+    batch took (``fetch.fetch_s`` where prefetching ran it earlier, see rsk_dist.data.feeder)."""
     rank, world = rank_and_world(group)
     torch.manual_seed(sampler.worker_seed(epoch, step_in_epoch, rank))
     t0 = time.perf_counter()
@@ -49,7 +51,8 @@ def train_step(
         "loss": result.loss,
         "lr": optimizer.param_groups[0]["lr"],
         "images_per_s": sampler.batch_size / (t4 - t0),
-        "data_s": t1 - t0,
+        "data_s": getattr(fetch, "fetch_s", t1 - t0),
+        "data_wait_s": t1 - t0,
         "embed_s": result.timings["embed_s"],
         "loss_s": result.timings["loss_s"] - loss_stats.get("comm_s", 0.0),
         "backward_s": result.timings["backward_s"],

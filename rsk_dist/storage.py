@@ -122,9 +122,10 @@ def _credential_source() -> str:
     return "the default AWS credential chain (~/.aws/credentials, ~/.aws/config, instance role)"
 
 
-def storage_options(url: str, fast: bool = False) -> dict[str, Any]:
-    """fsspec options for ``url``: for S3 the timeouts/retries and the region from
-    ``AWS_REGION`` (no credentials: botocore reads them itself)."""
+def storage_options(url: str, fast: bool = False, pool: int | None = None) -> dict[str, Any]:
+    """fsspec options for ``url``: for S3 the timeouts/retries, the region from ``AWS_REGION``
+    (no credentials: botocore reads them itself) and, with ``pool``, a connection pool of that
+    many connections (for as many concurrent requests)."""
     protocol = protocol_of(url)
     if protocol in ("s3", "s3a"):
         config: dict[str, Any] = {
@@ -132,6 +133,8 @@ def storage_options(url: str, fast: bool = False) -> dict[str, Any]:
             "read_timeout": FAST_READ_TIMEOUT_S if fast else READ_TIMEOUT_S,
             "retries": {"max_attempts": 1 if fast else 4, "mode": "standard"},
         }
+        if pool is not None:
+            config["max_pool_connections"] = pool
         client: dict[str, Any] = {}
         if not os.environ.get("AWS_DEFAULT_REGION") and os.environ.get("AWS_REGION"):
             client["region_name"] = os.environ["AWS_REGION"]
@@ -141,14 +144,14 @@ def storage_options(url: str, fast: bool = False) -> dict[str, Any]:
     return {}
 
 
-def filesystem(url: str, fast: bool = False) -> tuple[AbstractFileSystem, str]:
+def filesystem(url: str, fast: bool = False, pool: int | None = None) -> tuple[AbstractFileSystem, str]:
     """``(fs, path)`` for any fsspec URL or local path; ``fast`` gives S3 one attempt and short
-    timeouts (for checks that must fail in seconds)."""
+    timeouts (for checks that must fail in seconds); ``pool``: see :func:`storage_options`."""
     import fsspec
 
     url = str(url)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **storage_options(url, fast))
+        fs, path = fsspec.core.url_to_fs(url, **storage_options(url, fast, pool))
     except ImportError as err:
         raise StorageError(
             f"no filesystem for {redact(url)!r}: {redact(err)} (install the fsspec backend, "

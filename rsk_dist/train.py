@@ -18,7 +18,8 @@ from torch import nn
 
 from rsk_dist.checkpoint import load_model, load_state, publish_state, save_state
 from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, local_absolute
-from rsk_dist.data.sources import MemorySource, Source, digits_split, zip_source
+from rsk_dist.data.feeder import Feeder
+from rsk_dist.data.sources import MemorySource, digits_split, zip_source
 from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
 from rsk_dist.engine import LargeBatchStep
 from rsk_dist.evaluate import embed_source, evaluate
@@ -32,7 +33,12 @@ from rsk_dist.sampler import ClassBalancedSampler
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def open_source(spec: DataSource, data: DataConfig, train: bool, seed: int = 0, in_channels: int = 1) -> Source:
+def open_source(
+    spec: DataSource, data: DataConfig, train: bool, seed: int = 0, in_channels: int = 1,
+    device: torch.device | str = "cpu", cpus: float | None = None,
+) -> Feeder:
+    """The source ``spec`` names, fed as float batches to ``device``; a streamed source decodes
+    with ``data.decoders`` threads, or one per CPU of ``cpus`` (None: all this process may use)."""
     if spec.kind == "digits":
         source = digits_split(spec.split or "train")
     elif spec.kind == "zip":
@@ -40,13 +46,17 @@ def open_source(spec: DataSource, data: DataConfig, train: bool, seed: int = 0, 
     else:
         from rsk_dist.data.shards import ShardSource
 
-        return ShardSource(
+        return Feeder(ShardSource(
             spec.url, split=spec.split, image_size=data.image_size, train=train and data.augment,
             in_channels=in_channels, on_bad_sample=data.on_bad_sample, cache_dir=data.cache_dir, seed=seed,
-        )
+            exclude_classes=spec.exclude_classes, read_concurrency=data.read_concurrency,
+            decoders=data.decoders or (max(1, int(cpus)) if cpus else None),
+            # this step's batch and prefetch_steps more (evaluation prefetches one chunk ahead)
+            max_pending=max(2, data.prefetch_steps + 1), cache_max_bytes=data.cache_max_bytes, draft=data.draft,
+        ), device)
     if train and data.augment:
-        return MemorySource(source.images, source.labels, augment_seed=seed)
-    return source
+        source = MemorySource(source.images, source.labels, augment_seed=seed)
+    return Feeder(source, device)
 
 
 def build_loss(cfg: LossConfig) -> GlobalBatchLoss:
@@ -90,10 +100,9 @@ class Trainer:
         ).to(device)
         self.loss = build_loss(c.loss)
         self.optimizer, self.scheduler = build_optimizer(c.optim, self.model)
-        self.train_data = open_source(c.data.train, c.data, train=True, seed=c.sampler.seed, in_channels=c.model.in_channels)
-        self.eval_data = (
-            open_source(c.data.eval, c.data, train=False, in_channels=c.model.in_channels) if c.data.eval else None
-        )
+        cpus = c.scaling.cpus_per_worker
+        self.train_data = open_source(c.data.train, c.data, True, c.sampler.seed, c.model.in_channels, device, cpus)
+        self.eval_data = open_source(c.data.eval, c.data, False, 0, c.model.in_channels, device, cpus) if c.data.eval else None
         self.sampler = ClassBalancedSampler(
             self.train_data.labels, c.sampler.batch_size, c.sampler.samples_per_class, c.sampler.seed, c.sampler.mode
         )
@@ -167,15 +176,14 @@ class Trainer:
         publish_state(join(self.config.run.storage_path, self.config.run.name, "best"), state)
 
     def _step(self, s: int) -> dict[str, float]:
-        prefetch = getattr(self.train_data, "prefetch", None)
-        if prefetch is not None:
-            rank, world = rank_and_world()
-            for ahead in range(1, self.config.data.prefetch_steps + 1):
-                if s + ahead < self.steps_per_epoch:
-                    prefetch(self.sampler.shard(self.epoch, s + ahead, rank, world), self.sampler.augment_key(self.epoch, s + ahead))
+        c = self.config
+        self.train_data.prefetch_ahead(
+            self.sampler, self.epoch, s, self.steps_per_epoch, c.train.epochs * self.steps_per_epoch,
+            c.data.prefetch_steps, *rank_and_world(),
+        )
         metrics = train_step(self.step, self.optimizer, self.sampler, self.train_data, self.epoch, s)
         # Undecodable images replaced so far (the streaming source counts them; memory has none).
-        metrics["bad_samples"] = getattr(self.train_data, "bad_samples", 0)
+        metrics["bad_samples"] = getattr(self.train_data.source, "bad_samples", 0)
         return metrics
 
 
@@ -237,7 +245,8 @@ def embed_with_checkpoint(
     """Embeddings and labels of ``spec`` under a checkpoint's model and data settings
     (test-time transform; ``image_size`` overrides the checkpoint's)."""
     data_config = config.data.model_copy(update={"image_size": image_size or config.data.image_size})
-    source = open_source(spec, data_config, train=False, in_channels=config.model.in_channels)
+    device = next(model.parameters()).device
+    source = open_source(spec, data_config, train=False, in_channels=config.model.in_channels, device=device)
     return embed_source(model, source, chunk_size=config.train.chunk_size)
 
 

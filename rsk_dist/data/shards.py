@@ -3,20 +3,28 @@
 A source in the sense of :mod:`rsk_dist.data.sources` over the shards and index that
 :func:`rsk_dist.ingest.ingest` writes, at any fsspec URL. A batch's samples are grouped by shard
 object, sorted by offset, and samples whose byte ranges touch or lie within ``merge_gap`` bytes
-of each other are read by one ranged read; the ranged reads run on a thread pool, which also
-decodes and augments, so :meth:`ShardSource.prefetch` of the next batch overlaps its I/O and
-decoding with the current step.
+of each other are read by one ranged read. All ranged reads of a batch are issued at once
+(fsspec's ``cat_ranges``; s3fs runs them on its event loop, ``read_concurrency`` at a time, over
+a connection pool of that size), and each image is then decoded and augmented by a pool of
+``decoders`` threads (Pillow releases the GIL while decoding and resizing; see
+docs/benchmarks.md for how far the threads scale). :meth:`ShardSource.prefetch` of later
+batches overlaps their reads and decoding with the current step; up to ``max_pending``
+prefetched batches are held.
+
+Batches are uint8 (``N x C x H x W``, 0-255): 4x fewer bytes than float32. The consumer turns
+them into floats on its device with :attr:`ShardSource.mean` and :attr:`ShardSource.std`
+(ImageNet's for 3 channels unless ``normalize="unit"``; none for "unit"): see
+:class:`rsk_dist.data.feeder.Feeder`.
 
 Augmentation (``train=True``, the paper's): a random resized crop to ``image_size`` (scale
 0.08-1, aspect ratio 3/4-4/3, torchvision's algorithm) and a horizontal flip with probability
 1/2. Evaluation: resize the shorter side to ``round(image_size * 256 / 224)`` and take the
-centre ``image_size`` square. Greyscale for ``in_channels=1``, RGB for 3; values in [0, 1], and
-for 3 channels normalised with the ImageNet mean and std unless ``normalize="unit"``.
+centre ``image_size`` square. Greyscale for ``in_channels=1``, RGB for 3.
 
 Determinism: the augmentation of a sample is drawn from a generator seeded by
 ``(seed, the step's key, the sample's index)`` (see :mod:`rsk_dist.data.sources`), so a sample
-gets the same crop and flip whichever worker reads it and however the batch is split, with or
-without prefetching, in whatever order the threads finish; a resumed step repeats it exactly.
+gets the same crop and flip whichever worker, thread or prefetch reads it and however the batch
+is split; a resumed step repeats it exactly.
 
 Undecodable images (``on_bad_sample``): ``"skip"`` replaces one by the next decodable image of
 its class in the split (a choice that depends on the sample alone, not on the batch or the
@@ -27,18 +35,29 @@ error raises :class:`ShardReadError`; nothing is ever filled in silently.
 
 ``cache_dir``: shard objects read from a remote store are also downloaded whole, in the
 background, to ``cache_dir/<dataset fingerprint>/shards/``, and read from there once complete
-(a download is renamed into place only when whole and of the manifest's size).
+(a download is renamed into place only when whole and of the manifest's size). A file lock in
+``cache_dir`` makes the processes of a node download each shard once. ``cache_max_bytes``
+bounds the cached shards of all datasets in ``cache_dir``: the least recently read are removed
+to make room. A shard that fails to download is not tried again by this source; a cache disk
+that is full (or refuses writes) turns caching off with one warning, and reads go on as ranged
+reads from the store.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
+import fcntl
+import glob
 import io
 import logging
 import math
 import os
 import threading
+import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -66,13 +85,36 @@ class ShardReadError(OSError):
 # --------------------------------------------------------------------------- image functions
 
 
-def decode(data: bytes, in_channels: int) -> Any:
-    """A fully decoded Pillow image, greyscale (``in_channels=1``) or RGB (3)."""
+def load_image(data: bytes | memoryview, in_channels: int, image_size: int, rng: np.random.Generator | None, draft: bool = False) -> Any:
+    """The encoded image decoded (greyscale for ``in_channels=1``, else RGB) and cropped to
+    ``image_size``: with ``rng``, a random resized crop and a horizontal flip with probability
+    1/2 (training); without, the shorter side resized to ``round(image_size * 256 / 224)`` and
+    the centre square (evaluation). The crop is drawn from the stored image's size, before
+    decoding, so ``draft`` (a JPEG decoded at 1/2, 1/4 or 1/8 scale where the crop keeps at
+    least ``image_size`` pixels a side) crops the same region, but its pixels differ slightly."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    box = crop_box(width, height, rng) if rng is not None else None
+    mode = "L" if in_channels == 1 else "RGB"
+    if draft:
+        scale = min(box[2:]) / image_size if box else min(width, height) / round(image_size * 256 / 224)
+        if scale >= 2:
+            img.draft(mode, (math.ceil(width / scale), math.ceil(height / scale)))
     img.load()
-    return img.convert("L" if in_channels == 1 else "RGB")
+    img = img.convert(mode)
+    if box is None:
+        return centre_crop(img, image_size)
+    assert rng is not None
+    left, top, w, h = box
+    if img.size != (width, height):  # decoded at reduced size: the box in its pixels
+        fx, fy = img.width / width, img.height / height
+        left, top, w, h = left * fx, top * fy, w * fx, h * fy
+    out = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
 
 
 def crop_box(
@@ -104,18 +146,11 @@ def crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def transform(img: Any, image_size: int, train: bool, rng: np.random.Generator | None) -> Any:
-    """Training: random resized crop + horizontal flip (needs ``rng``). Evaluation: shorter
-    side to ``round(image_size * 256 / 224)``, centre crop ``image_size``."""
+def centre_crop(img: Any, image_size: int) -> Any:
+    """The evaluation transform: shorter side to ``round(image_size * 256 / 224)``, centre
+    ``image_size`` square."""
     from PIL import Image
 
-    if train:
-        assert rng is not None
-        left, top, w, h = crop_box(img.width, img.height, rng)
-        out = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-        if rng.random() < 0.5:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return out
     short = int(round(image_size * 256 / 224))
     w, h = img.size
     if w <= h:
@@ -129,14 +164,51 @@ def transform(img: Any, image_size: int, train: bool, rng: np.random.Generator |
     return img.crop((left, top, left + image_size, top + image_size))
 
 
-def to_tensor(img: Any, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
-    arr = np.array(img, dtype=np.uint8)  # a writable copy
+def to_tensor(img: Any) -> Tensor:
+    """The image as uint8, ``H x W x C`` (a copy: Pillow's buffer is not kept). A batch is
+    stacked from ``permute(2, 0, 1)`` views of these, one copy into the batch layout."""
+    arr = np.array(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    t = torch.from_numpy(arr.transpose(2, 0, 1).copy()).float().div_(255.0)
-    if mean is not None and std is not None:
-        t = (t - mean) / std
-    return t
+    return torch.from_numpy(arr)
+
+
+# A local write error that means the cache's disk cannot take more, not that one shard failed.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+@contextlib.contextmanager
+def node_lock(directory: str) -> Iterator[None]:
+    """An exclusive lock held by one process of the node at a time (``directory/.lock``)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached_shards(cache_dir: str) -> list[str]:
+    """The complete shard files in ``cache_dir``, of every dataset (downloads in progress excluded)."""
+    return [p for p in glob.glob(os.path.join(glob.escape(cache_dir), "*", "shards", "*")) if ".tmp-" not in p]
+
+
+def evict(cache_dir: str, limit: int, need: int) -> None:
+    """Removes least recently read shards of ``cache_dir`` until ``need`` more bytes fit under
+    ``limit`` (a read sets a file's mtime: see :meth:`ShardSource._read_cached`)."""
+    files = []
+    for path in cached_shards(cache_dir):
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(path)
+            files.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total + need <= limit:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        total -= size
 
 
 # --------------------------------------------------------------------------- the source
@@ -158,7 +230,8 @@ class _Run:
 @dataclass
 class _Pending:
     key: int
-    futures: list[Future]
+    started: float  # perf_counter when the batch was asked for
+    tasks: Future  # -> [(position, future of (decoded image or _Bad, perf_counter when done))]
 
 
 class ShardSource:
@@ -166,10 +239,17 @@ class ShardSource:
 
     ``labels``: LongTensor, the split's classes renumbered 0..C-1 in the order of the index's
     labels; ``class_names[c]`` names class c. ``sample_ids`` and ``describe(i)`` identify a
-    sample. Call with indices for ``(images N x C x H x W float, labels)``; ``prefetch(indices)``
-    starts reading a later call's samples. ``exclude_classes``: class names (or their first
-    path component) to leave out. ``merge_gap``: bytes between two samples of a shard below
-    which they are read by one request.
+    sample. Call with indices for ``(images N x C x H x W uint8, labels)``;
+    ``prefetch(indices, key)`` starts reading and decoding a later call's samples.
+    ``exclude_classes``: class names (or their first path component) to leave out.
+    ``merge_gap``: bytes between two samples of a shard below which they are read by one
+    request. ``read_concurrency``: ranged reads in flight at once. ``decoders``: decoding
+    threads (default: the CPUs this process may use). ``draft``: decode JPEGs at reduced size
+    where the crop allows (see :func:`load_image`; off by default: it changes pixels).
+    ``max_pending``: prefetched batches held
+    (a caller that prefetches P steps ahead needs P + 1: the current step's and P more).
+    ``last_fetch_s``: after a call, seconds from when its batch was asked for (prefetch or
+    call) to when its last image was decoded.
     """
 
     def __init__(
@@ -181,31 +261,41 @@ class ShardSource:
         in_channels: int = 3,
         on_bad_sample: Literal["skip", "fail"] = "skip",
         cache_dir: str | None = None,
-        prefetch_threads: int = 8,
         seed: int = 0,
         *,
         normalize: Literal["unit", "imagenet"] | None = None,
         exclude_classes: tuple[str, ...] = (),
         merge_gap: int = 16 * 1024,
-        max_pending: int = 4,
+        read_concurrency: int = 64,
+        decoders: int | None = None,
+        max_pending: int = 3,
+        cache_max_bytes: int | None = None,
+        draft: bool = False,
     ) -> None:
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {in_channels}")
         if on_bad_sample not in ("skip", "fail"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'fail', got {on_bad_sample!r}")
-        if image_size < 1 or prefetch_threads < 1 or seed < 0 or merge_gap < 0:
-            raise ValueError("image_size and prefetch_threads must be positive, seed and merge_gap >= 0")
+        decoders = decoders or len(os.sched_getaffinity(0))
+        if image_size < 1 or read_concurrency < 1 or decoders < 1 or max_pending < 1:
+            raise ValueError("image_size, read_concurrency, decoders and max_pending must be positive")
+        if seed < 0 or merge_gap < 0 or (cache_max_bytes is not None and cache_max_bytes < 0):
+            raise ValueError("seed, merge_gap and cache_max_bytes must be >= 0")
         normalize = normalize or ("imagenet" if in_channels == 3 else "unit")
         if normalize not in ("unit", "imagenet") or (normalize == "imagenet" and in_channels != 3):
             raise ValueError(f"normalize must be 'unit', or 'imagenet' with 3 channels, got {normalize!r}")
         self.url, self.split, self.image_size, self.train = str(url), split, image_size, train
         self.in_channels, self.on_bad_sample, self.seed = in_channels, on_bad_sample, seed
-        self.cache_dir, self.prefetch_threads, self.normalize = cache_dir, prefetch_threads, normalize
-        self.merge_gap, self.max_pending = merge_gap, max(1, max_pending)
+        self.cache_dir, self.cache_max_bytes, self.normalize = cache_dir, cache_max_bytes, normalize
+        self.merge_gap, self.read_concurrency, self.decoders = merge_gap, read_concurrency, decoders
+        self.max_pending, self.draft = max_pending, draft
+        # The float conversion the consumer applies on its device: (x / 255 - mean) / std.
+        self.mean = IMAGENET_MEAN if normalize == "imagenet" else None
+        self.std = IMAGENET_STD if normalize == "imagenet" else None
 
         import pyarrow.compute as pc
 
-        dataset = open_dataset(self.url)
+        dataset = open_dataset(self.url, fs_root=filesystem(self.url, pool=read_concurrency))
         table = dataset.index
         if split is not None:
             splits = sorted(set(table.column("split").to_pylist()))
@@ -238,7 +328,11 @@ class ShardSource:
         self.labels = torch.from_numpy(remapped.reshape(-1).astype(np.int64))
         self.bad_samples = 0
         self.bad_sample_ids: list[str] = []
-        self.stats = {"requests": 0, "bytes_read": 0, "cache_reads": 0}
+        self.last_fetch_s = 0.0
+        self.stats = {
+            "requests": 0, "bytes_read": 0, "cache_reads": 0, "downloads": 0, "cache_failures": 0,
+            "prefetch_hits": 0, "prefetch_misses": 0,
+        }
         self._fs, self._root = dataset.fs, dataset.root
         self._init_runtime()
 
@@ -246,23 +340,22 @@ class ShardSource:
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._read_pool: ThreadPoolExecutor | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
         self._cache_pool: ThreadPoolExecutor | None = None
         self._pending: collections.OrderedDict[tuple[int, ...], _Pending] = collections.OrderedDict()
         self._cache_started: set[str] = set()
         self._cache_ok: set[str] = set()
+        self._cache_off = False
         self._bad_known: set[int] = set()
-        if self.normalize == "imagenet":
-            self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        else:
-            self._mean = self._std = None
+
+    _RUNTIME = ("_fs", "_lock", "_read_pool", "_decode_pool", "_cache_pool", "_pending", "_cache_started", "_cache_ok", "_cache_off", "_bad_known")
 
     def __getstate__(self) -> dict[str, Any]:
         # Filesystems, pools and locks stay behind; a worker reopens the store from the URL
         # with its own environment's credentials.
         state = self.__dict__.copy()
-        for key in ("_fs", "_lock", "_pool", "_cache_pool", "_pending", "_cache_started", "_cache_ok", "_bad_known", "_mean", "_std"):
+        for key in self._RUNTIME:
             state.pop(key, None)
         return state
 
@@ -274,19 +367,22 @@ class ShardSource:
     @property
     def fs(self) -> Any:
         if self._fs is None:
-            self._fs, self._root = filesystem(self.url)
+            self._fs, self._root = filesystem(self.url, pool=self.read_concurrency)
         return self._fs
 
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="shard-read")
-        return self._pool
+    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        with self._lock:
+            if self._read_pool is None:
+                # Two readers: one batch's reads may wait on the store while the next one's start.
+                self._read_pool = ThreadPoolExecutor(2, thread_name_prefix="shard-read")
+                self._decode_pool = ThreadPoolExecutor(self.decoders, thread_name_prefix="shard-decode")
+            return self._read_pool, self._decode_pool  # type: ignore[return-value]
 
     def close(self) -> None:
-        for pool in (self._pool, self._cache_pool):
+        for pool in (self._read_pool, self._decode_pool, self._cache_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = self._cache_pool = None
+        self._read_pool = self._decode_pool = self._cache_pool = None
         self._pending.clear()
 
     def __enter__(self) -> ShardSource:
@@ -314,86 +410,145 @@ class ShardSource:
             "length": int(self._length[i]),
         }
 
-    # ---------------------------------------------------------------- reading
+    # ---------------------------------------------------------------- the local cache
 
     def _cached_path(self, name: str) -> str | None:
         if not self.cache_dir or is_local(self.fs):
             return None
         return os.path.join(self.cache_dir, self.fingerprint[:16], *name.split("/"))
 
-    def _cache_ready(self, name: str) -> str | None:
+    def _expected_size(self, name: str) -> int | None:
+        return self.manifest.get("shards", {}).get(name, {}).get("size")
+
+    def _complete(self, path: str, name: str) -> bool:
+        expected = self._expected_size(name)
+        return os.path.exists(path) and (expected is None or os.path.getsize(path) == expected)
+
+    def _read_cached(self, run: _Run) -> bytes | None:
+        """The run's bytes from the local cache, or None where its shard is not there (yet)."""
+        name = self.shard_names[run.shard]
         path = self._cached_path(name)
         if path is None:
             return None
-        if name in self._cache_ok:
-            return path
-        expected = self.manifest.get("shards", {}).get(name, {}).get("size")
-        if os.path.exists(path) and (expected is None or os.path.getsize(path) == expected):
+        if name not in self._cache_ok:
+            if not self._complete(path, name):
+                return None
             self._cache_ok.add(name)
-            return path
-        return None
+        try:
+            with open(path, "rb") as f:
+                f.seek(run.start)
+                data = f.read(run.end - run.start)
+            os.utime(path)  # the eviction's "recently read"
+        except FileNotFoundError:  # evicted, by this node's other processes too
+            self._cache_ok.discard(name)
+            return None
+        with self._lock:
+            self.stats["cache_reads"] += 1
+        return data
 
     def _schedule_cache(self, name: str) -> None:
         with self._lock:
-            if name in self._cache_started:
+            if self._cache_off or name in self._cache_started:
                 return
-            self._cache_started.add(name)
+            self._cache_started.add(name)  # for good: a failed download is not retried
             if self._cache_pool is None:
                 self._cache_pool = ThreadPoolExecutor(1, thread_name_prefix="shard-cache")
         self._cache_pool.submit(self._download, name)
 
     def _download(self, name: str) -> None:
+        if self._cache_off:  # queued before the disk filled up
+            return
         path = self._cached_path(name)
-        assert path is not None
+        assert path is not None and self.cache_dir is not None
+        size = self._expected_size(name)
+        limit = self.cache_max_bytes
+        if limit is not None and (size is None or size > limit):
+            log.warning("not caching %s of %s: %s bytes, over data.cache_max_bytes %s", name, redact(self.url), size, limit)
+            return
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.fs.get_file(join(self._root, name), tmp)
-            expected = self.manifest.get("shards", {}).get(name, {}).get("size")
-            if expected is not None and os.path.getsize(tmp) != expected:
-                raise OSError(f"downloaded {os.path.getsize(tmp)} bytes, the manifest says {expected}")
-            os.replace(tmp, path)
-        except Exception as err:  # noqa: BLE001 - the cache is an optimisation; reads go remote
-            log.warning("could not cache %s of %s in %s: %s", name, redact(self.url), self.cache_dir, redact(err))
+            # One process of the node at a time: the others find the shard there when they get the lock.
+            with node_lock(self.cache_dir):
+                if self._complete(path, name):
+                    return
+                if limit is not None:
+                    evict(self.cache_dir, limit, size or 0)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self.fs.get_file(join(self._root, name), tmp)
+                if size is not None and os.path.getsize(tmp) != size:
+                    raise OSError(f"downloaded {os.path.getsize(tmp)} bytes, the manifest says {size}")
+                os.replace(tmp, path)
+                with self._lock:
+                    self.stats["downloads"] += 1
+        except Exception as err:  # noqa: BLE001 - the cache is an optimisation; reads go on from the store
             with self._lock:
-                self._cache_started.discard(name)
+                self.stats["cache_failures"] += 1
+            if not (isinstance(err, OSError) and err.errno in DISK_ERRORS):
+                log.warning("could not cache %s of %s in %s: %s", name, redact(self.url), self.cache_dir, redact(err))
+                return
+            self._cache_off = True
+            msg = (
+                f"the shard cache {self.cache_dir} cannot take more ({os.strerror(err.errno)}): caching "
+                f"is off for {redact(self.url)} and reads go to the store; free space, or set "
+                "data.cache_max_bytes below the disk's free space"
+            )
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
         finally:
-            if os.path.exists(tmp):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
 
-    def _read(self, shard: int, start: int, end: int) -> bytes:
-        name = self.shard_names[shard]
-        local = self._cache_ready(name)
-        if local is not None:
-            with open(local, "rb") as f:
-                f.seek(start)
-                data = f.read(end - start)
-            with self._lock:
-                self.stats["cache_reads"] += 1
-        else:
-            try:
-                data = self.fs.cat_file(join(self._root, name), start=start, end=end)
-            except FileNotFoundError:
-                raise ShardReadError(
-                    f"shard object {redact(self.url)}/{name} is missing: the dataset is damaged; "
-                    "re-run the ingest with overwrite=True"
-                ) from None
-            except Exception as err:  # noqa: BLE001 - every backend error becomes a ShardReadError
-                raise ShardReadError(
-                    f"cannot read bytes {start}-{end} of {redact(self.url)}/{name}: "
-                    f"{explain_error(err, self.url, 'read from')}"
-                ) from None
-            with self._lock:
-                self.stats["requests"] += 1
-                self.stats["bytes_read"] += len(data)
-            if self.cache_dir:
-                self._schedule_cache(name)
-        if len(data) != end - start:
-            raise ShardReadError(
-                f"shard {redact(self.url)}/{name} ended early: asked for bytes {start}-{end}, got "
-                f"{len(data)}; the dataset is damaged, re-run the ingest with overwrite=True"
+    # ---------------------------------------------------------------- reading
+
+    def _read_error(self, err: BaseException, run: _Run) -> ShardReadError:
+        name = self.shard_names[run.shard]
+        if isinstance(err, FileNotFoundError):
+            return ShardReadError(
+                f"shard object {redact(self.url)}/{name} is missing: the dataset is damaged; "
+                "re-run the ingest with overwrite=True"
             )
-        return data
+        return ShardReadError(
+            f"cannot read bytes {run.start}-{run.end} of {redact(self.url)}/{name}: "
+            f"{explain_error(err, self.url, 'read from')}"
+        )
+
+    def _read_runs(self, runs: list[_Run]) -> list[bytes]:
+        """The bytes of every run: from the local cache where its shard is there, all others
+        by ranged reads issued at once (s3fs: ``read_concurrency`` in flight on its event loop)."""
+        out: list[bytes | None] = [self._read_cached(run) for run in runs]
+        remote = [i for i, data in enumerate(out) if data is None]
+        if remote:
+            fs = self.fs
+            extra = {"batch_size": self.read_concurrency} if getattr(fs, "async_impl", False) else {}
+            try:
+                results = fs.cat_ranges(
+                    [join(self._root, self.shard_names[runs[i].shard]) for i in remote],
+                    [runs[i].start for i in remote], [runs[i].end for i in remote], on_error="return", **extra,
+                )
+            except Exception as err:  # noqa: BLE001 - every backend error becomes a ShardReadError
+                results = [err] * len(remote)
+            for i, data in zip(remote, results):
+                if isinstance(data, BaseException):
+                    raise self._read_error(data, runs[i]) from None
+                out[i] = data
+            with self._lock:
+                self.stats["requests"] += len(remote)
+                self.stats["bytes_read"] += sum(len(out[i]) for i in remote)  # type: ignore[arg-type]
+            if self.cache_dir:
+                for name in {self.shard_names[runs[i].shard] for i in remote}:
+                    self._schedule_cache(name)
+        for run, data in zip(runs, out):
+            if len(data) != run.end - run.start:  # type: ignore[arg-type]
+                raise ShardReadError(
+                    f"shard {redact(self.url)}/{self.shard_names[run.shard]} ended early: asked for bytes "
+                    f"{run.start}-{run.end}, got {len(data)}; the dataset is damaged, re-run the "  # type: ignore[arg-type]
+                    "ingest with overwrite=True"
+                )
+        return out  # type: ignore[return-value]
+
+    def _read_sample(self, s: int) -> bytes:
+        start = int(self._offset[s])
+        return self._read_runs([_Run(int(self._shard[s]), start, start + int(self._length[s]), [])])[0]
 
     def _runs(self, idx: np.ndarray) -> list[_Run]:
         order = np.lexsort((self._offset[idx], self._shard[idx]))
@@ -412,21 +567,30 @@ class ShardSource:
     def _rng(self, key: int, sample: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, key, sample])
 
-    def _decode(self, raw: bytes, sample: int, key: int) -> Tensor | _Bad:
+    def _decode(self, raw: bytes | memoryview, sample: int, key: int) -> Tensor | _Bad:
+        rng = self._rng(key, sample) if self.train else None
         try:
-            img = decode(raw, self.in_channels)
+            img = load_image(raw, self.in_channels, self.image_size, rng, self.draft)
         except Exception as err:  # noqa: BLE001 - Pillow raises many types for a bad image
             return _Bad(f"{type(err).__name__}: {err}")
-        img = transform(img, self.image_size, self.train, self._rng(key, sample) if self.train else None)
-        return to_tensor(img, self._mean, self._std)
+        return to_tensor(img)
 
-    def _load_run(self, run: _Run, key: int) -> list[tuple[int, Tensor | _Bad]]:
-        data = self._read(run.shard, run.start, run.end)
-        out = []
-        for pos, s in run.members:
-            a = int(self._offset[s]) - run.start
-            out.append((pos, self._decode(data[a : a + int(self._length[s])], s, key)))
-        return out
+    def _decode_timed(self, raw: memoryview, sample: int, key: int) -> tuple[Tensor | _Bad, float]:
+        return self._decode(raw, sample, key), time.perf_counter()
+
+    def _read_samples(self, idx: np.ndarray) -> Iterator[tuple[int, int, memoryview]]:
+        """``(position in idx, sample, its encoded bytes)`` for every sample, read run by run."""
+        runs = self._runs(idx)
+        for run, data in zip(runs, self._read_runs(runs)):
+            view = memoryview(data)
+            for pos, s in run.members:
+                a = int(self._offset[s]) - run.start
+                yield pos, s, view[a : a + int(self._length[s])]
+
+    def _fetch(self, idx: np.ndarray, key: int) -> list[tuple[int, Future]]:
+        """Reads the batch, then hands each image to the decoders."""
+        decoders = self._pools()[1]
+        return [(pos, decoders.submit(self._decode_timed, raw, s, key)) for pos, s, raw in self._read_samples(idx)]
 
     def _indices(self, indices: Tensor | np.ndarray | list[int]) -> np.ndarray:
         if isinstance(indices, Tensor):
@@ -437,12 +601,11 @@ class ShardSource:
         return idx
 
     def _submit(self, idx: np.ndarray, key: int) -> _Pending:
-        pool = self._executor()
-        return _Pending(key, [pool.submit(self._load_run, run, key) for run in self._runs(idx)])
+        return _Pending(key, time.perf_counter(), self._pools()[0].submit(self._fetch, idx, key))
 
     def prefetch(self, indices: Tensor | np.ndarray | list[int], key: int = 0) -> None:
         """Starts reading and decoding these samples in the background, for a later call with
-        the same indices and key."""
+        the same indices and key. Beyond ``max_pending`` batches the oldest is dropped."""
         idx = self._indices(indices)
         t = (key, *idx.tolist())
         if t in self._pending:
@@ -450,31 +613,34 @@ class ShardSource:
         self._pending[t] = self._submit(idx, key)
         while len(self._pending) > self.max_pending:
             _, stale = self._pending.popitem(last=False)
-            for f in stale.futures:
-                f.cancel()
+            stale.tasks.cancel()
 
     def read_bytes(self, indices: Tensor | np.ndarray | list[int]) -> list[bytes]:
         """The samples' encoded bytes as stored (what the ingest copied from the source)."""
         idx = self._indices(indices)
         out: list[bytes] = [b""] * idx.size
-        runs = self._runs(idx)
-        for run, data in zip(runs, self._executor().map(lambda r: self._read(r.shard, r.start, r.end), runs)):
-            for pos, s in run.members:
-                a = int(self._offset[s]) - run.start
-                out[pos] = data[a : a + int(self._length[s])]
+        for pos, _, raw in self._read_samples(idx):
+            out[pos] = bytes(raw)
         return out
 
     def __call__(self, indices: Tensor | np.ndarray | list[int], key: int = 0) -> tuple[Tensor, Tensor]:
         idx = self._indices(indices)
-        pending = self._pending.pop((key, *idx.tolist()), None) or self._submit(idx, key)
+        pending = self._pending.pop((key, *idx.tolist()), None)
+        with self._lock:
+            self.stats["prefetch_hits" if pending is not None else "prefetch_misses"] += 1
+        pending = pending or self._submit(idx, key)
         results: list[Tensor | _Bad | None] = [None] * idx.size
-        for future in pending.futures:
-            for pos, item in future.result():
-                results[pos] = item
+        finished = pending.started
+        for pos, future in pending.tasks.result():
+            results[pos], done = future.result()
+            finished = max(finished, done)
+        self.last_fetch_s = finished - pending.started
         for pos, item in enumerate(results):
             if isinstance(item, _Bad):
                 results[pos] = self._replace(int(idx[pos]), item, pending.key)
-        images = torch.stack(results) if results else torch.empty(0, self.in_channels, self.image_size, self.image_size)  # type: ignore[arg-type]
+        if not results:
+            return torch.empty(0, self.in_channels, self.image_size, self.image_size, dtype=torch.uint8), self.labels[:0]
+        images = torch.stack([t.permute(2, 0, 1) for t in results])  # type: ignore[union-attr]
         return images, self.labels[torch.from_numpy(idx)]
 
     # ---------------------------------------------------------------- bad samples
@@ -512,8 +678,7 @@ class ShardSource:
             c = members[(start + step) % len(members)]
             if c in self._bad_known:
                 continue
-            raw = self._read(int(self._shard[c]), int(self._offset[c]), int(self._offset[c] + self._length[c]))
-            item = self._decode(raw, s, key)
+            item = self._decode(self._read_sample(c), s, key)
             if isinstance(item, Tensor):
                 return item
             self._record_bad(c, item.error)

@@ -1,8 +1,11 @@
 """Data sources: what the training loop asks of data, and the in-memory ones.
 
 A source has ``labels`` (one per sample, what the sampler draws from) and is called as
-``source(indices, key)`` to return ``(images, labels)`` for those samples, float images
-N x C x H x W. ``key`` is the step's augmentation key: a sample's random augmentation is a
+``source(indices, key)`` to return ``(images, labels)`` for those samples, images N x C x H x W:
+uint8 (0-255) from sources that decode images, which then name the normalisation the float
+conversion applies (``mean`` and ``std``, or None for [0, 1]); or floats ready for the model
+from in-memory sources, which hold them so. :class:`rsk_dist.data.feeder.Feeder` turns either
+into floats on the model's device. ``key`` is the step's augmentation key: a sample's random augmentation is a
 function of (key, its index) alone, so it is the same whichever worker fetches it and however
 the batch is split, and a resumed step sees what the uninterrupted one saw. A source may also
 offer ``prefetch(indices, key)``, a hint that those samples come soon (the streaming reader
