@@ -1,0 +1,179 @@
+"""The ingested-dataset format. A dataset at ``URL`` (written by :mod:`rsk_dist.ingest`)::
+
+    URL/shards/shard-00000.bin   encoded images, concatenated as they were in the source
+    URL/index.parquet            one row per (split, sample): INDEX_COLUMNS
+    URL/_SUCCESS                 JSON manifest, written last: the dataset is complete
+
+Readers and :func:`rsk_dist.storage.preflight` accept a dataset only with its ``_SUCCESS``
+marker, and check the index against the sha256 the marker records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rsk_dist.storage.credentials import redact
+from rsk_dist.storage.errors import StorageError, explain_error
+from rsk_dist.storage.filesystem import filesystem, join
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+    from fsspec import AbstractFileSystem
+
+MARKER = "_SUCCESS"
+INDEX = "index.parquet"
+SHARD_DIR = "shards"
+PROGRESS = "_ingest_progress.json"
+FORMAT = "rsk_dist-shards"
+FORMAT_VERSION = 1
+
+# name -> (pyarrow type test, description)
+INDEX_COLUMNS: dict[str, str] = {
+    "sample_id": "string",
+    "label": "int64",
+    "class_name": "string",
+    "split": "string",
+    "shard": "string",
+    "offset": "int64",
+    "length": "int64",
+}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An opened, complete ingested dataset: its filesystem, root path, manifest and index."""
+
+    url: str
+    fs: Any
+    root: str
+    manifest: dict[str, Any]
+    index: pa.Table
+
+    def __repr__(self) -> str:  # the fs may hold client settings: keep it out of reprs
+        return f"Dataset(url={redact(self.url)!r}, rows={self.index.num_rows})"
+
+
+def _read_bytes(fs: AbstractFileSystem, path: str, url: str, what: str) -> bytes | None:
+    """Bytes of ``path``, ``None`` when it does not exist, a StorageError otherwise."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001 - any backend error becomes a clear StorageError
+        if isinstance(err, IsADirectoryError):
+            return None
+        raise explain_error(err, url, f"read {what} of") from None
+
+
+def exists(fs: AbstractFileSystem, path: str, url: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except Exception as err:  # noqa: BLE001
+        raise explain_error(err, url, "look into") from None
+
+
+def _missing_dataset(fs: AbstractFileSystem, root: str, url: str) -> StorageError:
+    partial = [
+        name for name in (PROGRESS, INDEX, SHARD_DIR) if exists(fs, join(root, name), url)
+    ]
+    if partial:
+        return StorageError(
+            f"incomplete ingest at {redact(url)}: it has {', '.join(partial)} but no {MARKER} "
+            "marker, so an ingest was interrupted (or is still running). Re-run the same ingest "
+            "(rsk_dist.ingest.ingest with the same source and layout) to complete it."
+        )
+    return StorageError(
+        f"no ingested dataset at {redact(url)} (no {MARKER} marker or {INDEX}): ingest one first "
+        "with rsk_dist.ingest.ingest(source, url, layout), or fix the URL"
+    )
+
+
+def validate_index(table: pa.Table, url: str) -> None:
+    """Raises a StorageError naming every missing or mistyped index column and bad value."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    problems = []
+    for name, kind in INDEX_COLUMNS.items():
+        if name not in table.column_names:
+            problems.append(f"missing column {name!r} ({kind})")
+            continue
+        t = table.schema.field(name).type
+        ok = (
+            (pa.types.is_string(t) or pa.types.is_large_string(t))
+            if kind == "string"
+            else pa.types.is_int64(t)
+        )
+        if not ok:
+            problems.append(f"column {name!r} is {t}, expected {kind}")
+    if problems:
+        raise StorageError(
+            f"malformed index {redact(url)}/{INDEX}: {'; '.join(problems)} (expected columns "
+            f"{', '.join(f'{k}: {v}' for k, v in INDEX_COLUMNS.items())}). Re-run the ingest "
+            "with overwrite=True."
+        )
+    for name in INDEX_COLUMNS:
+        if table.column(name).null_count:
+            problems.append(f"column {name!r} has {table.column(name).null_count} nulls")
+    if table.num_rows:
+        if pc.min(table.column("offset")).as_py() < 0:
+            problems.append("negative offsets")
+        if pc.min(table.column("length")).as_py() <= 0:
+            problems.append("non-positive lengths")
+    else:
+        problems.append("no rows")
+    if problems:
+        raise StorageError(
+            f"malformed index {redact(url)}/{INDEX}: {'; '.join(problems)}. Re-run the ingest "
+            "with overwrite=True."
+        )
+
+
+def open_dataset(url: str, fast: bool = False, fs_root: tuple[Any, str] | None = None) -> Dataset:
+    """The complete dataset at ``url``: requires the marker, a well-formed index matching the
+    marker's sha256. Raises StorageError otherwise. ``fs_root``: ``filesystem(url)`` to reuse."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = fs_root or filesystem(url, fast=fast)
+    raw_marker = _read_bytes(fs, join(root, MARKER), url, "the marker")
+    if raw_marker is None:
+        raise _missing_dataset(fs, root, url)
+    try:
+        manifest = json.loads(raw_marker)
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}")
+        if int(manifest.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"version {manifest.get('version')} is newer than this reader's {FORMAT_VERSION}")
+    except (ValueError, AttributeError, TypeError) as err:
+        raise StorageError(
+            f"{redact(url)}/{MARKER} is not an rsk_dist dataset manifest ({err}): re-run the "
+            "ingest with overwrite=True"
+        ) from None
+    raw_index = _read_bytes(fs, join(root, INDEX), url, "the index")
+    if raw_index is None:
+        raise StorageError(
+            f"{redact(url)} has a {MARKER} marker but no {INDEX}: the dataset is damaged; re-run "
+            "the ingest with overwrite=True"
+        )
+    try:
+        table = pq.read_table(pa.BufferReader(raw_index))
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise StorageError(
+            f"malformed index {redact(url)}/{INDEX}: not a readable parquet file ({err}). Re-run "
+            "the ingest with overwrite=True."
+        ) from None
+    validate_index(table, url)
+    expected = manifest.get("index", {}).get("sha256")
+    if expected and sha256(raw_index) != expected:
+        raise StorageError(
+            f"{redact(url)}/{INDEX} does not match the sha256 its {MARKER} manifest records (it "
+            "was changed after the ingest, or another ingest is writing there): re-run the ingest"
+        )
+    return Dataset(url=str(url), fs=fs, root=root, manifest=manifest, index=table)
