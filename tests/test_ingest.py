@@ -13,7 +13,7 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("PIL")
 from tests.images import OMNIGLOT_ZIP, image_bytes  # noqa: E402
 from rsk_dist.ingest import IngestError, ingest  # noqa: E402
-from rsk_dist.storage import INDEX, MARKER, PROGRESS, StorageError, open_dataset, preflight  # noqa: E402
+from rsk_dist.storage import INDEX, MARKER, PROGRESS, StorageError, open_dataset, preflight, version_dir  # noqa: E402
 
 
 def put(path: Path, data: bytes | str) -> Path:
@@ -277,7 +277,7 @@ def test_interrupted_ingest_is_rejected_then_completed_by_a_rerun(tmp_path):
     assert not (out / MARKER).exists() and (out / PROGRESS).exists()
     with pytest.raises(StorageError, match="incomplete ingest.*Re-run"):
         preflight(str(out), need_index=True)
-    first_shard = out / "shards/shard-00000.bin"
+    (first_shard,) = out.glob("shards/*/shard-00000.bin")
     stamp = first_shard.stat().st_mtime_ns
     result = ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=300)
     assert result.shards_written == result.num_shards - 2  # the two stored shards were kept
@@ -313,8 +313,8 @@ def test_damaged_dataset_is_reported_and_repaired_by_overwrite(tmp_path):
     make_folders(tmp_path / "src")
     out = tmp_path / "out"
     first = ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=500)
-    (out / "shards/shard-00001.bin").unlink()
-    with pytest.raises(StorageError, match="missing shard objects shards/shard-00001.bin.*overwrite=True"):
+    (out / version_dir(first.fingerprint) / "shard-00001.bin").unlink()
+    with pytest.raises(StorageError, match=f"missing shard objects {version_dir(first.fingerprint)}/shard-00001.bin.*overwrite=True"):
         preflight(str(out), need_index=True)
     assert ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=500).skipped  # trusts its marker
     repaired = ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=500, overwrite=True)

@@ -2,6 +2,6 @@
 source layouts' parsers (:mod:`.layouts`) and the writer of shards, index and manifest
 (:mod:`.writer`)."""
 from rsk_dist.ingest.layouts import LAYOUTS, IngestError
-from rsk_dist.ingest.writer import IngestResult, ingest
+from rsk_dist.ingest.writer import IngestResult, gc_dataset, ingest
 
-__all__ = ["LAYOUTS", "IngestError", "IngestResult", "ingest"]
+__all__ = ["LAYOUTS", "IngestError", "IngestResult", "gc_dataset", "ingest"]

@@ -3,7 +3,8 @@
 ``ingest(source, target_url, layout)`` reads the images of a standard benchmark layout (from a
 local folder, an image-folder zip, or any fsspec URL) and writes, at ``target_url``::
 
-    shards/shard-00000.bin   the images' encoded bytes (as in the source, not re-encoded),
+    shards/<fingerprint[:16]>/shard-00000.bin
+                             the images' encoded bytes (as in the source, not re-encoded),
                              concatenated; about ``shard_bytes`` each
     index.parquet            sample_id str, label int64, class_name str, split str,
                              shard str (relative to the target), offset int64, length int64
@@ -16,8 +17,18 @@ ingest is never taken for a complete one. While shards are written, ``_ingest_pr
 records the ones done (with the fingerprint); a re-run of the same ingest skips those whose
 object is there with the recorded size and writes the rest. A re-run over a complete ingest
 with the same fingerprint writes nothing. A complete ingest of *different* content is replaced
-only with ``overwrite=True``, which also rewrites a damaged one of the same content (the old
-marker is deleted first).
+only with ``overwrite=True``, which also rewrites a damaged one of the same content.
+
+Versions: each content version's shards live in their own folder, named by the fingerprint, so
+``overwrite=True`` writes the new shards beside the old ones and switches the index and then
+the marker last. A job that opened the old version keeps reading the old shards' unchanged
+bytes; one that opens the dataset between the index's and the marker's switch is refused (the
+index does not match the marker's sha256) and can simply be restarted. The marker's
+``versions`` lists the shard folders newest first; :func:`gc_dataset` (``rsk-dist gc-dataset
+URL --keep-last N``) deletes the older ones once no job still reads them. Nothing is deleted
+otherwise: there is no grace-period deletion. Datasets written before versioning (shards
+directly under ``shards/``) stay readable, and a re-ingest over them leaves their shards for
+:func:`gc_dataset` too.
 
 The fingerprint is the sha256 of the layout, ``shard_bytes`` and every index row with its
 source file's size and version token (a local file's mtime, an object's ETag, a zip member's
@@ -29,7 +40,6 @@ import io
 import json
 import logging
 import posixpath
-import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,21 +48,30 @@ from typing import Any
 
 from rsk_dist.ingest.layouts import LAYOUT_FUNCS, LAYOUTS, SPLIT_ORDER, IngestError, Sample, Tree, open_tree
 from rsk_dist.storage import (
+    FINGERPRINT,
     FORMAT,
     FORMAT_VERSION,
     INDEX,
     MARKER,
     PROGRESS,
     SHARD_DIR,
+    SPLIT_NAME,
+    StorageError,
     atomic_write,
     explain_error,
     filesystem,
+    is_local,
     join,
+    open_dataset,
     redact,
     sha256,
+    validate_manifest,
+    version_dir,
 )
 
 log = logging.getLogger(__name__)
+
+MAX_VERSIONS = 32  # the manifest's history of shard folders; older ones gc removes anyway
 
 
 @dataclass
@@ -105,7 +124,10 @@ def _plan(tree: Tree, samples: list[Sample], layout: str, shard_bytes: int) -> _
         samples,
         key=lambda s: (SPLIT_ORDER.get(s.split, 9), s.split, label_of[s.class_key], posixpath.basename(s.src), s.sample_id),
     )
-    shards: list[tuple[str, list[tuple[str, int, int]]]] = []
+    bad_splits = sorted({s.split for s in samples if not SPLIT_NAME.fullmatch(s.split)})
+    if bad_splits:
+        raise IngestError(f"{layout}: split names {bad_splits[:3]} are not {SPLIT_NAME.pattern}: rename them")
+    groups: list[list[tuple[str, int, int]]] = []
     where: dict[str, tuple[str, int, int]] = {}
     current: list[tuple[str, int, int]] = []
     used = 0
@@ -114,15 +136,12 @@ def _plan(tree: Tree, samples: list[Sample], layout: str, shard_bytes: int) -> _
             continue
         size = tree.files[s.src][0]
         if current and used + size > shard_bytes:
-            shards.append((f"{SHARD_DIR}/shard-{len(shards):05d}.bin", current))
+            groups.append(current)
             current, used = [], 0
         current.append((s.src, used, size))
         used += size
     if current:
-        shards.append((f"{SHARD_DIR}/shard-{len(shards):05d}.bin", current))
-    for name, members in shards:
-        for src, offset, size in members:
-            where[src] = (name, offset, size)
+        groups.append(current)
     rows = [(s.sample_id, label_of[s.class_key], s.class_name, s.split, s.src) for s in ordered]
     digest = {
         "format": FORMAT,
@@ -130,9 +149,13 @@ def _plan(tree: Tree, samples: list[Sample], layout: str, shard_bytes: int) -> _
         "layout": layout,
         "shard_bytes": shard_bytes,
         "rows": rows,
-        "files": [(src, *tree.files[src]) for _, members in shards for src, _, _ in members],
+        "files": [(src, *tree.files[src]) for members in groups for src, _, _ in members],
     }
     fingerprint = sha256(json.dumps(digest, separators=(",", ":")).encode())
+    shards = [(f"{version_dir(fingerprint)}/shard-{i:05d}.bin", members) for i, members in enumerate(groups)]
+    for name, members in shards:
+        for src, offset, size in members:
+            where[src] = (name, offset, size)
     return _Plan(rows, shards, where, fingerprint, len(keys))
 
 
@@ -235,7 +258,7 @@ def _write(
         splits=splits,
     )
     marker = _read_json(fs, join(root, MARKER), url)
-    replacing = False
+    repairing = False
     if marker is not None:
         if marker.get("fingerprint") == plan.fingerprint and not overwrite:
             log.info("%s already holds this ingest (fingerprint %s): nothing to do", redact(url), plan.fingerprint[:12])
@@ -247,11 +270,13 @@ def _write(
                 f"{str(marker.get('fingerprint'))[:12]}, this source {plan.fingerprint[:12]}): pass "
                 "overwrite=True to replace it, or choose another target"
             )
-        fs.rm_file(join(root, MARKER))  # from here on readers see an incomplete dataset
-        replacing = True
+        # The old version stays readable: new content goes to its own shard folder and the
+        # index and marker switch last. Only a repair of this same version rewrites its shards.
+        repairing = marker.get("fingerprint") == plan.fingerprint
 
-    progress = {} if replacing else _read_json(fs, join(root, PROGRESS), url) or {}
-    done: dict[str, dict[str, Any]] = progress.get("shards", {}) if progress.get("fingerprint") == plan.fingerprint else {}
+    progress = {} if repairing else _read_json(fs, join(root, PROGRESS), url) or {}
+    done = progress.get("shards", {}) if progress.get("fingerprint") == plan.fingerprint else {}
+    done = done if isinstance(done, dict) else {}
     try:
         existing = {
             k[len(root.rstrip("/")) + 1:]: int(v.get("size") or 0)
@@ -264,8 +289,9 @@ def _write(
     shard_info: dict[str, dict[str, Any]] = {}
     for name, members in plan.shards:
         size = sum(m[2] for m in members)
-        if name in done and done[name].get("size") == size and existing.get(name) == size:
-            shard_info[name] = done[name]
+        info = done.get(name)
+        if isinstance(info, dict) and info.get("size") == size and existing.get(name) == size:
+            shard_info[name] = {"size": size, "sha256": str(info.get("sha256", ""))}
     if shard_info:
         log.info("resuming the ingest into %s: %d of %d shards already written", redact(url), len(shard_info), len(plan.shards))
 
@@ -303,10 +329,6 @@ def _write(
 
     index = _index_bytes(plan)
     atomic_write(fs, join(root, INDEX), index)
-    planned = {name for name, _ in plan.shards}
-    for stale in sorted(set(existing) - planned):
-        if re.fullmatch(rf"{SHARD_DIR}/shard-\d+\.bin", stale):
-            fs.rm_file(join(root, stale))
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -321,6 +343,7 @@ def _write(
         "splits": splits,
         "index": {"path": INDEX, "size": len(index), "sha256": sha256(index)},
         "shards": {name: shard_info[name] for name, _ in plan.shards},
+        "versions": _versions(marker, url, version_dir(plan.fingerprint)),
     }
     atomic_write(fs, join(root, MARKER), json.dumps(manifest, indent=1).encode())
     try:
@@ -328,3 +351,53 @@ def _write(
     except FileNotFoundError:
         pass
     return result
+
+
+def _versions(marker: dict[str, Any] | None, url: str, current: str) -> list[str]:
+    """The shard folders of this and earlier complete ingests, newest first (for
+    :func:`gc_dataset`); a damaged old marker contributes none."""
+    earlier: list[str] = []
+    if marker is not None:
+        try:
+            old = validate_manifest(marker, url)
+            earlier = old.get("versions") or sorted({posixpath.dirname(n) for n in old.get("shards", {})})
+        except StorageError:
+            log.warning("the previous marker at %s is not valid; its shards are not tracked", redact(url))
+    return [current, *[v for v in earlier if v != current]][:MAX_VERSIONS]
+
+
+def gc_dataset(url: str, keep_last: int = 1) -> list[str]:
+    """Deletes the shard folders of replaced ingests at ``url``, keeping the current one and
+    the ``keep_last - 1`` before it (and the folder of an ingest in progress). Run it once no
+    job that opened an older version is still running: such a job reads those shards.
+    Returns the folders removed."""
+    if keep_last < 1:
+        raise IngestError(f"keep_last must be at least 1 (the current version), got {keep_last}")
+    dataset = open_dataset(url)  # a complete, validated dataset: its names are safe to join
+    fs, root = dataset.fs, dataset.root
+    versions = dataset.manifest.get("versions") or []
+    keep = set(versions[:keep_last]) | {posixpath.dirname(n) for n in dataset.index.column("shard").unique().to_pylist()}
+    progress = _read_json(fs, join(root, PROGRESS), url) or {}
+    if isinstance(progress.get("fingerprint"), str) and FINGERPRINT.fullmatch(progress["fingerprint"]):
+        keep.add(version_dir(progress["fingerprint"]))
+    try:
+        listing = fs.find(join(root, SHARD_DIR))
+    except Exception as err:  # noqa: BLE001
+        raise explain_error(err, url, "list the shards of") from None
+    prefix = root.rstrip("/") + "/"
+    stale: dict[str, list[str]] = {}
+    for path in listing:
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        if posixpath.dirname(rel) not in keep:
+            stale.setdefault(posixpath.dirname(rel), []).append(path)
+    for folder, paths in sorted(stale.items()):
+        try:
+            fs.rm(paths)
+            if folder != SHARD_DIR and is_local(fs):
+                fs.rm(join(root, folder), recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as err:  # noqa: BLE001
+            raise explain_error(err, url, f"delete {folder} of") from None
+        log.info("gc %s: removed %s (%d objects)", redact(url), folder, len(paths))
+    return sorted(stale)

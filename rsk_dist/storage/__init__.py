@@ -4,6 +4,7 @@ message naming the problem and its fix. One module per concept; this package exp
 public names."""
 from rsk_dist.storage.credentials import protocol_of, redact, s3_endpoint
 from rsk_dist.storage.dataset import (
+    FINGERPRINT,
     FORMAT,
     FORMAT_VERSION,
     INDEX,
@@ -11,18 +12,23 @@ from rsk_dist.storage.dataset import (
     MARKER,
     PROGRESS,
     SHARD_DIR,
+    SHARD_NAME,
+    SPLIT_NAME,
+    VERSION_DIR,
     Dataset,
     open_dataset,
     sha256,
     validate_index,
+    validate_manifest,
+    version_dir,
 )
 from rsk_dist.storage.errors import StorageError, explain_error, explain_s3_error
 from rsk_dist.storage.filesystem import atomic_write, filesystem, is_local, join, storage_options
 from rsk_dist.storage.preflight import preflight
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "INDEX", "INDEX_COLUMNS", "MARKER", "PROGRESS", "SHARD_DIR",
-    "Dataset", "StorageError", "atomic_write", "explain_error", "explain_s3_error", "filesystem",
+    "FINGERPRINT", "FORMAT", "FORMAT_VERSION", "INDEX", "INDEX_COLUMNS", "MARKER", "PROGRESS", "SHARD_DIR",
+    "SHARD_NAME", "SPLIT_NAME", "VERSION_DIR", "Dataset", "StorageError", "atomic_write", "explain_error", "explain_s3_error", "filesystem",
     "is_local", "join", "open_dataset", "preflight", "protocol_of", "redact", "s3_endpoint",
-    "sha256", "storage_options", "validate_index",
+    "sha256", "storage_options", "validate_index", "validate_manifest", "version_dir",
 ]

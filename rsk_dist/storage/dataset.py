@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,15 @@ PROGRESS = "_ingest_progress.json"
 FORMAT = "rsk_dist-shards"
 FORMAT_VERSION = 1
 
+# Names read from storage are joined into object paths and local cache paths, and storage may
+# be written by others: anything but these exact shapes is refused before any join.
+SHARD_NAME = re.compile(rf"{SHARD_DIR}/(?:[0-9a-f]{{16}}/)?shard-[0-9]{{5,9}}\.bin")
+VERSION_DIR = re.compile(rf"{SHARD_DIR}(?:/[0-9a-f]{{16}})?")  # where one ingest's shards live
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_OFFSET = 2**48  # 256 TiB into a shard: far beyond any shard, far from int64 overflow
+MAX_LENGTH = 2**31  # 2 GiB for one encoded image
+
 # name -> (pyarrow type test, description)
 INDEX_COLUMNS: dict[str, str] = {
     "sample_id": "string",
@@ -43,6 +53,59 @@ INDEX_COLUMNS: dict[str, str] = {
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def version_dir(fingerprint: str) -> str:
+    """The folder of the shards an ingest with ``fingerprint`` writes: each content version has
+    its own, so a re-ingest never changes bytes a running reader is reading."""
+    return f"{SHARD_DIR}/{fingerprint[:16]}"
+
+
+def _bad_names(values: list[Any], pattern: re.Pattern[str], limit: int = 3) -> list[str]:
+    bad = [v for v in values if not isinstance(v, str) or not pattern.fullmatch(v)]
+    return [repr(v)[:80] for v in bad[:limit]] + ([f"(+{len(bad) - limit} more)"] if len(bad) > limit else [])
+
+
+def validate_manifest(manifest: Any, url: str) -> dict[str, Any]:
+    """``manifest`` (the parsed ``_SUCCESS`` JSON) if it is a well-formed dataset manifest whose
+    fingerprint, shard names and version folders have the exact shapes the ingest writes;
+    raises a StorageError naming every problem otherwise."""
+    if not isinstance(manifest, dict):
+        problems = [f"a JSON {type(manifest).__name__}, not an object"]
+    else:
+        problems = []
+        if manifest.get("format") != FORMAT:
+            problems.append(f"format {str(manifest.get('format'))[:40]!r}, expected {FORMAT!r}")
+        version = manifest.get("version", 0)
+        if type(version) is not int or version < 0:
+            problems.append(f"version {str(version)[:20]!r} is not a non-negative integer")
+        elif version > FORMAT_VERSION:
+            problems.append(f"version {version} is newer than this reader's {FORMAT_VERSION}")
+        fingerprint = manifest.get("fingerprint")
+        if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
+            problems.append(f"fingerprint {str(fingerprint)[:80]!r} is not 64 lowercase hex digits")
+        shards = manifest.get("shards", {})
+        if not isinstance(shards, dict):
+            problems.append("'shards' is not an object")
+        else:
+            if bad := _bad_names(list(shards), SHARD_NAME):
+                problems.append(f"shard names {', '.join(bad)} are not {SHARD_NAME.pattern}")
+            if any(not isinstance(v, dict) or type(v.get("size", 0)) is not int or v.get("size", 0) < 0 for v in shards.values()):
+                problems.append("a shard entry is not an object with a non-negative integer size")
+        index = manifest.get("index", {})
+        if not isinstance(index, dict) or not isinstance(index.get("sha256", ""), str):
+            problems.append("'index' is not an object with a sha256 string")
+        versions = manifest.get("versions", [])
+        if not isinstance(versions, list):
+            problems.append("'versions' is not a list")
+        elif bad := _bad_names(versions, VERSION_DIR):
+            problems.append(f"versions {', '.join(bad)} are not {VERSION_DIR.pattern}")
+    if problems:
+        raise StorageError(
+            f"{redact(url)}/{MARKER} is not a valid rsk_dist dataset manifest: {'; '.join(problems)}. "
+            "Storage may have been written by something else: re-run the ingest with overwrite=True"
+        )
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -121,11 +184,23 @@ def validate_index(table: pa.Table, url: str) -> None:
     for name in INDEX_COLUMNS:
         if table.column(name).null_count:
             problems.append(f"column {name!r} has {table.column(name).null_count} nulls")
+    if problems:
+        raise StorageError(
+            f"malformed index {redact(url)}/{INDEX}: {'; '.join(problems)}. Re-run the ingest "
+            "with overwrite=True."
+        )
     if table.num_rows:
-        if pc.min(table.column("offset")).as_py() < 0:
-            problems.append("negative offsets")
-        if pc.min(table.column("length")).as_py() <= 0:
-            problems.append("non-positive lengths")
+        offset, length = pc.min_max(table.column("offset")).as_py(), pc.min_max(table.column("length")).as_py()
+        if offset["min"] < 0 or offset["max"] > MAX_OFFSET:
+            problems.append(f"offsets outside 0..{MAX_OFFSET}")
+        if length["min"] <= 0 or length["max"] > MAX_LENGTH:
+            problems.append(f"lengths outside 1..{MAX_LENGTH}")
+        if pc.min(table.column("label")).as_py() < 0:
+            problems.append("negative labels")
+        if bad := _bad_names(pc.unique(table.column("shard")).to_pylist(), SHARD_NAME):
+            problems.append(f"shard names {', '.join(bad)} are not {SHARD_NAME.pattern}")
+        if bad := _bad_names(pc.unique(table.column("split")).to_pylist(), SPLIT_NAME):
+            problems.append(f"split names {', '.join(bad)} are not {SPLIT_NAME.pattern}")
     else:
         problems.append("no rows")
     if problems:
@@ -146,16 +221,13 @@ def open_dataset(url: str, fast: bool = False, fs_root: tuple[Any, str] | None =
     if raw_marker is None:
         raise _missing_dataset(fs, root, url)
     try:
-        manifest = json.loads(raw_marker)
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}")
-        if int(manifest.get("version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"version {manifest.get('version')} is newer than this reader's {FORMAT_VERSION}")
-    except (ValueError, AttributeError, TypeError) as err:
+        parsed = json.loads(raw_marker)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise StorageError(
-            f"{redact(url)}/{MARKER} is not an rsk_dist dataset manifest ({err}): re-run the "
-            "ingest with overwrite=True"
+            f"{redact(url)}/{MARKER} is not an rsk_dist dataset manifest (not JSON: {str(err)[:200]}): "
+            "re-run the ingest with overwrite=True"
         ) from None
+    manifest = validate_manifest(parsed, url)
     raw_index = _read_bytes(fs, join(root, INDEX), url, "the index")
     if raw_index is None:
         raise StorageError(
