@@ -2,18 +2,22 @@
 
 Every section forbids unknown keys, so a misspelt key fails with its dotted path before any
 worker starts. Credentials are never fields: storage reads them from the environment (AWS_*
-variables or profiles), so no saved config or checkpoint can carry a secret.
+variables or profiles), and a URL with credentials inside (``s3://KEY:SECRET@bucket``) is
+refused, so no saved config or checkpoint can carry a secret.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rsk_dist.models import MODEL_NAMES
+from rsk_dist.storage.credentials import redact, refuse_credentials
+
+Url = Annotated[str, AfterValidator(refuse_credentials)]  # any fsspec URL or local path
 
 
 class Section(BaseModel):
@@ -58,7 +62,7 @@ class DataSource(Section):
     download; ``split`` train/test, two thirds/one third per class)."""
 
     kind: Literal["shards", "zip", "digits"]
-    url: str | None = None
+    url: Url | None = None
     split: str | None = None
     exclude_classes: tuple[str, ...] = ()  # e.g. classes that also occur in the training data
 
@@ -124,11 +128,11 @@ class ScalingConfig(Section):
 
 class RunConfig(Section):
     name: str = Field("rsk-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    storage_path: str = "file://./runs"  # any fsspec URL: s3://bucket/prefix, gs://..., file://...
+    storage_path: Url = "file://./runs"  # any fsspec URL: s3://bucket/prefix, gs://..., file://...
     checkpoint_every: int = Field(1, ge=1)  # epochs
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
-    resume_from: str | None = None  # a checkpoint URL to start from
+    resume_from: Url | None = None  # a checkpoint URL to start from
 
 
 class JobConfig(Section):
@@ -201,7 +205,7 @@ def load_config(
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"job config {path} is not valid YAML: {err}") from err
+            raise ConfigError(f"job config {path} is not valid YAML: {redact(err)}") from None
         name = str(path)
     if not isinstance(tree, dict):
         raise ConfigError(f"job config {name} must be a mapping of sections")

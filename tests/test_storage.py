@@ -72,6 +72,7 @@ def test_redact_hides_secrets_and_url_passwords(monkeypatch):
     text = redact("key SuperSecretValue123 token TokenValue456 url s3://user:pa55word@host/b")
     assert "SuperSecretValue123" not in text and "TokenValue456" not in text and "pa55word" not in text
     assert "s3://***@host/b" in text
+    assert redact("s3://AKIAONLYKEY@bucket/x and s3://bucket/a@b") == "s3://***@bucket/x and s3://bucket/a@b"
 
 
 # --------------------------------------------------------------------------- preflight: reachability

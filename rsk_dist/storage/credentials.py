@@ -18,15 +18,32 @@ import re
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
+# scheme://userinfo@ : a user name (often an access key id) and maybe a password in a URL
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s?#]+@")
+
+
 def redact(text: str) -> str:
-    """``text`` with the values of the secret AWS variables and any ``user:password@`` of a
+    """``text`` with the values of the secret AWS variables and any ``user[:password]@`` of a
     URL replaced by ``***``."""
     text = str(text)
     for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return re.sub(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@", r"\g<scheme>***@", text)
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def refuse_credentials(url: str) -> str:
+    """``url`` itself, or a ValueError (naming it redacted) when it embeds credentials: a saved
+    config, a submitted job or a log line would carry them."""
+    if _USERINFO.search(str(url)):
+        raise ValueError(
+            f"{redact(url)!r} has credentials inside the URL (user[:secret]@): remove them and use "
+            "the standard environment variables (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+            "AWS_SESSION_TOKEN, or GOOGLE_APPLICATION_CREDENTIALS for gs://) or a profile "
+            "(AWS_PROFILE) instead"
+        )
+    return url
 
 
 def protocol_of(url: str) -> str:
