@@ -179,7 +179,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         path, sep, raw = item.partition("=")
         if not sep or not path:
             raise ConfigError(f"override {item!r} is not of the form a.b=value")
-        parsed.append((path.strip(), yaml.safe_load(raw)))
+        try:
+            value = yaml.safe_load(raw)
+        except (yaml.YAMLError, ValueError, RecursionError) as err:
+            raise ConfigError(f"override {path.strip()}: the value is not valid YAML: {redact(err)}") from None
+        parsed.append((path.strip(), value))
     return parsed
 
 
@@ -204,7 +208,7 @@ def load_config(
             raise ConfigError(f"job config {path} does not exist")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # the constructors raise ValueError
             raise ConfigError(f"job config {path} is not valid YAML: {redact(err)}") from None
         name = str(path)
     if not isinstance(tree, dict):

@@ -210,6 +210,37 @@ def validate_index(table: pa.Table, url: str) -> None:
         )
 
 
+def shard_ends(table: pa.Table) -> dict[str, int]:
+    """Each shard the index names -> the end of its last sample (offset + length) in bytes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    per_shard = (
+        pa.table({"shard": table.column("shard"), "end": pc.add(table.column("offset"), table.column("length"))})
+        .group_by("shard")
+        .aggregate([("end", "max")])
+    )
+    return dict(zip(per_shard.column("shard").to_pylist(), per_shard.column("end_max").to_pylist()))
+
+
+def _check_against_manifest(table: pa.Table, manifest: dict[str, Any], url: str) -> None:
+    """Every shard the index names is one the manifest lists, and no sample ends past its
+    shard's recorded size (so no read asks for more bytes than a shard holds)."""
+    sizes = {name: info.get("size") for name, info in manifest.get("shards", {}).items()}
+    if not sizes:
+        return  # a manifest without shard sizes (written by hand, or by an early ingest)
+    ends = shard_ends(table)
+    unknown = sorted(s for s in ends if s not in sizes)
+    beyond = sorted(s for s in ends if s in sizes and isinstance(sizes[s], int) and ends[s] > sizes[s])
+    if unknown or beyond:
+        parts = [f"shards not in the manifest: {', '.join(unknown[:3])}"] if unknown else []
+        parts += [f"samples past the end of {s} ({ends[s]} > {sizes[s]} bytes)" for s in beyond[:3]]
+        raise StorageError(
+            f"malformed index {redact(url)}/{INDEX}: {'; '.join(parts)}. Re-run the ingest with "
+            "overwrite=True."
+        )
+
+
 def open_dataset(url: str, fast: bool = False, fs_root: tuple[Any, str] | None = None) -> Dataset:
     """The complete dataset at ``url``: requires the marker, a well-formed index matching the
     marker's sha256. Raises StorageError otherwise. ``fs_root``: ``filesystem(url)`` to reuse."""
@@ -248,4 +279,5 @@ def open_dataset(url: str, fast: bool = False, fs_root: tuple[Any, str] | None =
             f"{redact(url)}/{INDEX} does not match the sha256 its {MARKER} manifest records (it "
             "was changed after the ingest, or another ingest is writing there): re-run the ingest"
         )
+    _check_against_manifest(table, manifest, url)
     return Dataset(url=str(url), fs=fs, root=root, manifest=manifest, index=table)

@@ -7,7 +7,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from rsk_dist.storage.credentials import protocol_of, redact
-from rsk_dist.storage.dataset import SHARD_DIR, exists, open_dataset
+from rsk_dist.storage.dataset import SHARD_DIR, exists, open_dataset, shard_ends
 from rsk_dist.storage.errors import StorageError, explain_error, explain_s3_error
 from rsk_dist.storage.filesystem import filesystem, is_local, join
 
@@ -75,15 +75,7 @@ def preflight(
         (name[len(prefix):] if name.startswith(prefix) else name): int(info.get("size") or 0)
         for name, info in listing.items()
     }
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    per_shard = (
-        pa.table({"shard": table.column("shard"), "end": pc.add(table.column("offset"), table.column("length"))})
-        .group_by("shard")
-        .aggregate([("end", "max")])
-    )
-    ends = dict(zip(per_shard.column("shard").to_pylist(), per_shard.column("end_max").to_pylist()))
+    ends = shard_ends(table)
     missing = sorted(s for s in ends if s not in sizes)
     short = sorted(s for s in ends if s in sizes and sizes[s] < ends[s])
     if missing or short:
