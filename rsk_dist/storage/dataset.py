@@ -1,11 +1,17 @@
 """The ingested-dataset format. A dataset at ``URL`` (written by :mod:`rsk_dist.ingest`)::
 
-    URL/shards/shard-00000.bin   encoded images, concatenated as they were in the source
+    URL/shards/<fingerprint[:16]>/shard-00000.bin
+                                 encoded images, concatenated as they were in the source; one
+                                 folder per content version (``shards/shard-*.bin`` before
+                                 versioning, still read)
     URL/index.parquet            one row per (split, sample): INDEX_COLUMNS
     URL/_SUCCESS                 JSON manifest, written last: the dataset is complete
 
 Readers and :func:`rsk_dist.storage.preflight` accept a dataset only with its ``_SUCCESS``
-marker, and check the index against the sha256 the marker records.
+marker, and check the index against the sha256 the marker records. Storage may be written by
+others: every name and fingerprint read from the index or the manifest must have the exact shape
+an ingest writes (:data:`SHARD_NAME`, :data:`FINGERPRINT`...) before it is joined into a path,
+and anything else is refused with a :class:`StorageError`.
 """
 from __future__ import annotations
 
