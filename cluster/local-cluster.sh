@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A multi-node Ray cluster on this one machine, every node on the loopback interface: a head
+# A multi-node Ray cluster on this one machine, every node on a loopback address: a head
 # (with the dashboard / job server on 127.0.0.1) plus N worker nodes, each its own raylet with
 # its own node name, CPU count and a custom resource "node_<i>" so tests can pin work to a node.
 #
@@ -12,14 +12,17 @@
 # /tmp/rsk-local-cluster, keep it short: Ray's socket paths must fit in 107 bytes),
 # RSK_GCS_PORT (6390), RSK_DASHBOARD_PORT (8266), RSK_CLIENT_PORT (20011), RSK_AGENT_PORT (52400,
 # node i's dashboard agent on +i), RSK_CPUS_PER_NODE (1), RSK_DASHBOARD (1; 0: no dashboard and
-# no job server), RAY (the ray CLI;
+# no job server), RSK_NODE_IP (127.0.0.2: the address every node advertises), RAY (the ray CLI;
 # default: the one on PATH; PYTHON: the python beside it). Token authentication is on unless
 # RAY_AUTH_MODE=disabled: the token is RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH's file, else
 # ~/.ray/auth_token, else one generated into $RSK_CLUSTER_DIR/auth_token (removed by `stop`).
 #
-# Loopback only: the head runs in Ray's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:
-# node address 127.0.0.1, GCS listening on 127.0.0.1 alone); the workers join it at 127.0.0.1,
-# with Ray's rewrite of a loopback address to the machine's outward one switched off.
+# Loopback, through Ray's public interface only (`ray start`): in multi-node mode Ray replaces
+# 127.0.0.1 and localhost by the machine's outward address, but not the other loopback addresses
+# of 127.0.0.0/8, so every node advertises RSK_NODE_IP (127.0.0.2) and all traffic between the
+# nodes stays on the loopback interface. As on any Linux Ray cluster, Ray's own servers listen
+# on all interfaces: token authentication (on by default here) is what guards them. The
+# dashboard / job server listens on 127.0.0.1 only.
 #
 # `stop` never runs `ray stop` (that stops every Ray on the machine, other users' included): it
 # signals the process groups this script started (one session per node, their ids in
@@ -34,6 +37,7 @@ CLIENT_PORT="${RSK_CLIENT_PORT:-20011}"  # outside the worker port range 10002-1
 AGENT_PORT="${RSK_AGENT_PORT:-52400}"  # node i's dashboard agent listens on AGENT_PORT + i
 RAY="${RAY:-$(command -v ray || echo ray)}"
 PY="${PYTHON:-$(dirname "$RAY")/python}"
+NODE_IP="${RSK_NODE_IP:-127.0.0.2}"
 [[ -x "$PY" ]] || PY=python3
 PIDS="$DIR/pids"
 
@@ -47,19 +51,10 @@ die() {
   exit 1
 }
 
-# `ray start` with 127.0.0.1 kept as it is: Ray rewrites a loopback address to the machine's
-# outward one whenever it runs as a multi-node cluster; this cluster must stay on loopback.
-RAY_START_LOOPBACK='import sys
-import ray._private.services as services
-services.resolve_ip_for_localhost = lambda host: host
-from ray.scripts.scripts import main
-sys.argv = ["ray", "start", *sys.argv[1:]]
-main()'
-
 start_node() {  # name, log file, ray start arguments...
   local name="$1" log="$2"; shift 2
   # setsid: each node in a session of its own, so `stop` can signal exactly it.
-  setsid "$PY" -c "$RAY_START_LOOPBACK" --block --disable-usage-stats "$@" >"$log" 2>&1 < /dev/null &
+  setsid "$RAY" start --block --disable-usage-stats --node-ip-address="$NODE_IP" "$@" >"$log" 2>&1 < /dev/null &
   echo "$! $name" >> "$PIDS"
 }
 
@@ -119,24 +114,24 @@ cmd_start() {
     echo "local-cluster: no Ray dashboard packages (pip install 'ray[default]'): no job server" >&2
   fi
   if "$PY" -c 'import grpc' >/dev/null 2>&1; then extra+=(--ray-client-server-port="$CLIENT_PORT"); fi
-  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 start_node head "$DIR/head.log" \
+  start_node head "$DIR/head.log" \
     --head --node-name=head --port="$GCS_PORT" "${extra[@]}" \
     --dashboard-agent-listen-port="$AGENT_PORT" \
     --num-cpus="$CPUS" --resources='{"node_0": 1}' --temp-dir="$DIR/ray"
   wait_for 120 "the head node" started "$DIR/head.log"
   for i in $(seq 1 "$workers"); do  # one at a time: a node that waits too long for the GCS gives up
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 start_node "worker$i" "$DIR/worker$i.log" \
-      --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --node-name="worker$i" --num-cpus="$CPUS" \
+    start_node "worker$i" "$DIR/worker$i.log" \
+      --address="$NODE_IP:$GCS_PORT" --node-name="worker$i" --num-cpus="$CPUS" \
       --resources="{\"node_$i\": 1}" --dashboard-agent-listen-port="$((AGENT_PORT + i))" \
       --temp-dir="$DIR/ray"
     wait_for 120 "worker node $i" started "$DIR/worker$i.log"
   done
   STARTING=0
-  echo "local Ray cluster up: head + $workers worker node(s), all on 127.0.0.1"
+  echo "local Ray cluster up: head + $workers worker node(s), all on $NODE_IP"
   if (( dashboard )); then
     echo "  job server:   http://127.0.0.1:$DASH_PORT   (rsk-dist submit CONFIG --address http://127.0.0.1:$DASH_PORT)"
   fi
-  echo "  GCS address:  127.0.0.1:$GCS_PORT           (rsk-dist train CONFIG --address 127.0.0.1:$GCS_PORT)"
+  echo "  GCS address:  $NODE_IP:$GCS_PORT           (rsk-dist train CONFIG --address $NODE_IP:$GCS_PORT)"
   if [[ "$RAY_AUTH_MODE" == token ]]; then
     echo "  token auth:   on; the token: ${RAY_AUTH_TOKEN:+\$RAY_AUTH_TOKEN}${RAY_AUTH_TOKEN:-${RAY_AUTH_TOKEN_PATH:-~/.ray/auth_token}}"
     echo "                (rsk-dist reads RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token for 127.0.0.1)"
@@ -182,7 +177,7 @@ cmd_stop() {
 cmd_status() {
   [[ -s "$PIDS" ]] || die "not running"
   setup_auth
-  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$RAY" status --address="127.0.0.1:$GCS_PORT"
+  "$RAY" status --address="$NODE_IP:$GCS_PORT"
 }
 
 case "${1:-start}" in
@@ -190,6 +185,6 @@ case "${1:-start}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   [0-9]*) cmd_start "$1" ;;
-  -h|--help|help) sed -n '2,27p' "$0" ;;
+  -h|--help|help) sed -n '2,29p' "$0" ;;
   *) die "unknown command '$1' (start [N], stop, status)" ;;
 esac

@@ -57,20 +57,41 @@ def publish_state(url: str, state: dict[str, Any]) -> None:
 
 def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Reads and verifies a checkpoint directory at any fsspec URL or local path."""
-    from rsk_dist.storage import filesystem
+    from rsk_dist.storage import filesystem, redact
 
     fs, path = filesystem(str(url))
     try:
         manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
     except FileNotFoundError:
         raise CheckpointError(
-            f"{url} is not a complete checkpoint (no {MANIFEST}): it was interrupted while being "
+            f"{redact(url)} is not a complete checkpoint (no {MANIFEST}): it was interrupted while being "
             "written or is not a checkpoint directory; resume from an earlier one"
         ) from None
-    data = fs.cat_file(posixpath.join(path, STATE))
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+        manifest = None
+    if not isinstance(manifest, dict) or type(manifest.get("bytes")) is not int or not isinstance(manifest.get("sha256"), str):
+        raise CheckpointError(
+            f"{redact(url)}/{MANIFEST} is not a checkpoint manifest (JSON with bytes and sha256): the "
+            "directory is damaged or not a checkpoint; resume from an earlier one"
+        )
+    try:
+        data = fs.cat_file(posixpath.join(path, STATE))
+    except FileNotFoundError:
+        # Uploads of a checkpoint's files run on threads in no set order: a manifest can arrive
+        # without its state (an upload cut short), which must read as incomplete.
+        raise CheckpointError(
+            f"{redact(url)} has a {MANIFEST} but no {STATE}: the checkpoint's upload was interrupted "
+            "or the state was deleted; resume from an earlier checkpoint"
+        ) from None
     if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise CheckpointError(f"{url}: {STATE} does not match its manifest (truncated or altered)")
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        raise CheckpointError(f"{redact(url)}: {STATE} does not match its manifest (truncated or altered)")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad or unsafe file
+        raise CheckpointError(
+            f"{redact(url)}: {STATE} matches its manifest but cannot be loaded safely ({type(err).__name__}: "
+            f"{str(err)[:300]}); resume from another checkpoint"
+        ) from None
 
 
 def load_model(url: str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:

@@ -10,9 +10,13 @@
     rsk-dist stop     JOB_ID --address http://HEAD:8265
     rsk-dist eval     CHECKPOINT_URL --data KIND:URL[:SPLIT] [--image-size N] [--k 1 2 4 8]
                       [--protocol all|vehicleid|revisited [--queries KIND:URL[:SPLIT] --ground-truth URL]]
-    rsk-dist ingest   SOURCE TARGET_URL --layout {folders,cub200,cars196,sop,inaturalist,vehicleid}
+    rsk-dist ingest   SOURCE TARGET_URL --layout {folders,cub200,cars196,sop,inaturalist,vehicleid} [--overwrite]
+    rsk-dist gc-dataset URL [--keep-last N]
     rsk-dist export   CHECKPOINT_URL OUT --format {torchscript,onnx}
     rsk-dist export-index CHECKPOINT_URL --data KIND:URL[:SPLIT] OUT
+
+URLs with credentials inside (``s3://KEY:SECRET@bucket``) are refused as arguments and in
+configs; every URL printed is redacted.
 
 A config is checked (:func:`rsk_dist.config.load_config`) before anything runs or is submitted.
 Errors in what the user gave (a bad config, a missing file, a failed preflight) print one
@@ -56,6 +60,22 @@ class CLIError(Exception):
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _url(value: str) -> str:
+    """An argparse type: the URL, refused (with a redacted message) when it embeds credentials."""
+    from rsk_dist.storage import refuse_credentials
+
+    try:
+        return refuse_credentials(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _redact(text: Any) -> str:
+    from rsk_dist.storage import redact
+
+    return redact(text)
 
 
 def _load(path: str, overrides: Sequence[str] | None):
@@ -221,7 +241,8 @@ def build_submission(config, overrides: Sequence[str], workdir: Path) -> tuple[s
     from rsk_dist.config import dump_config
 
     (workdir / CONFIG_NAME).write_text(dump_config(config))
-    parts = ["rsk-dist", "train", CONFIG_NAME]
+    # The module, not the rsk-dist console script: py_modules ships the package but no scripts.
+    parts = ["python", "-m", "rsk_dist.cli", "train", CONFIG_NAME]
     for item in overrides:  # already applied to job.yaml; repeated so the job listing shows them
         parts += ["--set", item]
     entrypoint = " ".join(shlex.quote(p) for p in parts)
@@ -277,7 +298,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             metadata={"rsk_dist.run": config.run.name},
         )
     print(job_id, flush=True)
-    print(f"submitted {config.run.name} as {job_id} to {_address(args)}", file=sys.stderr)
+    print(_redact(f"submitted {config.run.name} as {job_id} to {_address(args)}"), file=sys.stderr)
     if args.no_wait:
         return 0
     status = _wait(client, job_id, follow_logs=True)
@@ -318,7 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     queries = parse_data_spec(args.queries, args.exclude_class) if args.queries else None
     metrics = evaluate_checkpoint(args.checkpoint_url, data=data, image_size=args.image_size, ks=tuple(args.k),
                                   protocol=args.protocol, queries=queries, ground_truth=args.ground_truth)
-    _print_metrics(dict(metrics), f"{args.checkpoint_url} on {args.data}:")
+    _print_metrics(dict(metrics), _redact(f"{args.checkpoint_url} on {args.data}:"))
     return 0
 
 
@@ -341,7 +362,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(f"{key}: {value}")
     elif fields is not None:
         print(fields)
-    print(f"ingested {args.source} into {args.target_url} ({args.layout})", file=sys.stderr)
+    print(_redact(f"ingested {args.source} into {args.target_url} ({args.layout})"), file=sys.stderr)
+    return 0
+
+
+def cmd_gc_dataset(args: argparse.Namespace) -> int:
+    from rsk_dist.ingest import gc_dataset
+
+    removed = gc_dataset(args.url, keep_last=args.keep_last)
+    for folder in removed:
+        print(f"removed {folder}")
+    print(_redact(f"{args.url}: removed {len(removed)} replaced version(s), kept the last {args.keep_last}"),
+          file=sys.stderr)
     return 0
 
 
@@ -393,7 +425,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f.write(buffer.getvalue())
     print(
         f"exported {config.model.name} ({config.model.dim}-d, input N x {example.shape[1]} x "
-        f"{example.shape[2]} x {example.shape[3]}) as {args.format} to {args.out}"
+        f"{example.shape[2]} x {example.shape[3]}) as {args.format} to {_redact(args.out)}"
     )
     return 0
 
@@ -424,8 +456,8 @@ def cmd_export_index(args: argparse.Namespace) -> int:
         f.write(blob.tobytes())
     with _open_out(args.out + ".labels.npy") as f:
         np.save(f, labels.cpu().numpy())
-    print(f"indexed {len(emb)} gallery embeddings ({emb.shape[1]}-d, inner product) into {args.out}")
-    print(f"labels (row i = id i) in {args.out}.labels.npy")
+    print(f"indexed {len(emb)} gallery embeddings ({emb.shape[1]}-d, inner product) into {_redact(args.out)}")
+    print(f"labels (row i = id i) in {_redact(args.out)}.labels.npy")
     return 0
 
 
@@ -447,11 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field (value parsed as YAML); repeatable")
 
     def with_address(p: argparse.ArgumentParser, required_hint: str) -> None:
-        p.add_argument("--address", default=None,
+        p.add_argument("--address", default=None, type=_url,
                        help=f"{required_hint} (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
 
     def with_data(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", required=True, metavar="KIND:URL[:SPLIT]",
+        p.add_argument("--data", required=True, metavar="KIND:URL[:SPLIT]", type=_url,
                        help="e.g. shards:s3://bucket/cub200:test, zip:path.zip, digits:test")
         p.add_argument("--exclude-class", action="append", default=[], metavar="NAME",
                        help="leave out a class (or a top folder of classes); repeatable")
@@ -464,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run a training job (a local Ray instance without --address)")
     with_config(p)
-    p.add_argument("--address", default=None, help="Ray cluster address (ray://..., HOST:6379 or 'auto')")
-    p.add_argument("--resume-from", default=None, metavar="URL", help="checkpoint URL to start from")
+    p.add_argument("--address", default=None, type=_url, help="Ray cluster address (ray://..., HOST:6379 or 'auto')")
+    p.add_argument("--resume-from", default=None, metavar="URL", type=_url, help="checkpoint URL to start from")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="submit a training job to a Ray cluster's job server")
@@ -487,39 +519,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("eval", help="retrieval metrics of a checkpoint on a data set")
-    p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL")
+    p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL", type=_url)
     with_data(p)
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], metavar="K", help="Recall@k values")
     p.add_argument("--protocol", choices=["all", "vehicleid", "revisited"], default="all",
                    help="all: every image queries the others; vehicleid: one gallery image per identity; "
                         "revisited: --queries against the --data gallery, Revisited Oxford/Paris mAP")
-    p.add_argument("--queries", metavar="KIND:URL[:SPLIT]", help="query images for --protocol revisited")
-    p.add_argument("--ground-truth", metavar="URL", help="ground-truth JSON for --protocol revisited")
+    p.add_argument("--queries", metavar="KIND:URL[:SPLIT]", type=_url, help="query images for --protocol revisited")
+    p.add_argument("--ground-truth", metavar="URL", type=_url, help="ground-truth JSON for --protocol revisited")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ingest", help="write a data set as shards plus index to any fsspec URL")
-    p.add_argument("source", metavar="SOURCE", help="the data set's folder or archive")
-    p.add_argument("target_url", metavar="TARGET_URL", help="e.g. s3://bucket/cub200")
+    p.add_argument("source", metavar="SOURCE", type=_url, help="the data set's folder or archive")
+    p.add_argument("target_url", metavar="TARGET_URL", type=_url, help="e.g. s3://bucket/cub200")
     p.add_argument("--layout", required=True, choices=LAYOUTS)
     p.add_argument("--shard-mb", type=float, default=None, metavar="MB", help="target shard size (default 64)")
     p.add_argument("--threads", type=int, default=None, help="parallel uploads")
     p.add_argument("--default-split", default=None, metavar="SPLIT",
                    help="split of images the layout does not assign one (default train)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different ingest at TARGET_URL")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different ingest at TARGET_URL: the new version is written beside "
+                        "the old one, which jobs already running keep reading (see gc-dataset)")
     p.set_defaults(func=cmd_ingest)
 
+    p = sub.add_parser("gc-dataset", help="delete the shards of replaced ingests of a dataset")
+    p.add_argument("url", metavar="URL", type=_url, help="the dataset, e.g. s3://bucket/cub200")
+    p.add_argument("--keep-last", type=int, default=1, metavar="N",
+                   help="versions to keep, the current one included (default 1). Old versions are "
+                        "read by jobs started before the overwrite: run this once those ended")
+    p.set_defaults(func=cmd_gc_dataset)
+
     p = sub.add_parser("export", help="export a checkpoint's embedding model")
-    p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL")
-    p.add_argument("out", metavar="OUT", help="output file (local path or fsspec URL)")
+    p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL", type=_url)
+    p.add_argument("out", metavar="OUT", type=_url, help="output file (local path or fsspec URL)")
     p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="example input size for tracing (default: the checkpoint's data.image_size)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("export-index", help="a faiss index of a gallery's embeddings")
-    p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL")
+    p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL", type=_url)
     with_data(p)
-    p.add_argument("out", metavar="OUT", help="output index file (local path or fsspec URL)")
+    p.add_argument("out", metavar="OUT", type=_url, help="output index file (local path or fsspec URL)")
     p.set_defaults(func=cmd_export_index)
     return parser
 
@@ -537,10 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CLIError as err:
-        print(f"rsk-dist {args.command}: error: {_one_paragraph(err)}", file=sys.stderr)
+        print(f"rsk-dist {args.command}: error: {_redact(_one_paragraph(err))}", file=sys.stderr)
         return err.code
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"rsk-dist {args.command}: error: {_one_paragraph(err)}", file=sys.stderr)
+        print(f"rsk-dist {args.command}: error: {_redact(_one_paragraph(err))}", file=sys.stderr)
         return 2
     except ImportError as err:
         print(f"rsk-dist {args.command}: error: a required module is missing: {err}", file=sys.stderr)

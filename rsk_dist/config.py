@@ -2,20 +2,24 @@
 
 Every section forbids unknown keys, so a misspelt key fails with its dotted path before any
 worker starts. Credentials are never fields: storage reads them from the environment (AWS_*
-variables or profiles), so no saved config or checkpoint can carry a secret.
+variables or profiles), and a URL with credentials inside (``s3://KEY:SECRET@bucket``) is
+refused, so no saved config or checkpoint can carry a secret.
 """
 from __future__ import annotations
 
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rsk_dist.models import MODEL_NAMES
 from rsk_dist.sampler import SamplerMode
+from rsk_dist.storage.credentials import redact, refuse_credentials
+
+Url = Annotated[str, AfterValidator(refuse_credentials)]  # any fsspec URL or local path
 
 
 class Section(BaseModel):
@@ -60,7 +64,7 @@ class DataSource(Section):
     download; ``split`` train/test, two thirds/one third per class)."""
 
     kind: Literal["shards", "zip", "digits"]
-    url: str | None = None
+    url: Url | None = None
     split: str | None = None
     exclude_classes: tuple[str, ...] = ()  # e.g. classes that also occur in the training data
 
@@ -133,11 +137,11 @@ class ScalingConfig(Section):
 
 class RunConfig(Section):
     name: str = Field("rsk-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    storage_path: str = "file://./runs"  # any fsspec URL: s3://bucket/prefix, gs://..., file://...
+    storage_path: Url = "file://./runs"  # any fsspec URL: s3://bucket/prefix, gs://..., file://...
     checkpoint_every: int = Field(1, ge=1)  # epochs
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
-    resume_from: str | None = None  # a checkpoint URL to start from
+    resume_from: Url | None = None  # a checkpoint URL to start from
 
 
 class JobConfig(Section):
@@ -184,7 +188,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         path, sep, raw = item.partition("=")
         if not sep or not path:
             raise ConfigError(f"override {item!r} is not of the form a.b=value")
-        parsed.append((path.strip(), yaml.safe_load(raw)))
+        try:
+            value = yaml.safe_load(raw)
+        except (yaml.YAMLError, ValueError, RecursionError) as err:
+            raise ConfigError(f"override {path.strip()}: the value is not valid YAML: {redact(err)}") from None
+        parsed.append((path.strip(), value))
     return parsed
 
 
@@ -210,8 +218,8 @@ def load_config(
             raise ConfigError(f"job config {path} does not exist")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"job config {path} is not valid YAML: {err}") from err
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # the constructors raise ValueError
+            raise ConfigError(f"job config {path} is not valid YAML: {redact(err)}") from None
         name = str(path)
     if not isinstance(tree, dict):
         raise ConfigError(f"job config {name} must be a mapping of sections")

@@ -226,16 +226,16 @@ def load_ground_truth(url: str) -> list[dict]:
     json.dump([{k: [int(i) for i in q[k]] for k in ('easy','hard','junk')} for q in g], sys.stdout)" gnd.pkl``."""
     import json
 
-    from rsk_dist.storage import filesystem
+    from rsk_dist.storage import filesystem, redact
 
     if url.endswith(".pkl"):
-        raise ValueError(f"{url}: pickled ground truth is not loaded (it can run code); convert it to JSON: "
+        raise ValueError(f"{redact(url)}: pickled ground truth is not loaded (it can run code); convert it to JSON: "
                          "see rsk_dist.train.load_ground_truth")
     fs, path = filesystem(url)
     data = json.loads(fs.cat_file(path))
     gnd = data["gnd"] if isinstance(data, dict) else data
     if not isinstance(gnd, list) or not all(isinstance(q, dict) and {"easy", "hard", "junk"} <= q.keys() for q in gnd):
-        raise ValueError(f"{url}: expected a list of {{'easy', 'hard', 'junk'}} index lists, one per query")
+        raise ValueError(f"{redact(url)}: expected a list of {{'easy', 'hard', 'junk'}} index lists, one per query")
     return gnd
 
 

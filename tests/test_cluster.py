@@ -122,16 +122,20 @@ def test_kuberay_manifest(name, kind):
     head = spec["headGroupSpec"]
     assert head.get("serviceType", "ClusterIP") == "ClusterIP", "the dashboard must not be exposed"
 
-    pods = [head["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
-    if kind == "RayJob":
-        pods.append(doc["spec"]["submitterPodTemplate"])
-    for pod in pods:
+    # Token auth through KubeRay's authOptions: the operator sets the token on every Ray
+    # container from the Secret and uses it for its own dashboard calls (job status).
+    auth = spec["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"], auth
+    assert tuple(int(v) for v in spec["rayVersion"].split(".")[:2]) >= (2, 52)
+    for pod in [head["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
         for container in _containers(pod):
+            assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(_env(container)), "the operator sets these"
+    if kind == "RayJob":  # the submitter is no Ray node: it reads the same Secret itself
+        for container in _containers(doc["spec"]["submitterPodTemplate"]):
             env = _env(container)
             assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
             ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-            assert ref["name"] and ref["key"], container["name"]
-            assert "value" not in env["RAY_AUTH_TOKEN"]
+            assert ref == {"name": auth["secretName"], "key": "auth_token"}, container["name"]
 
     # GPU workers
     gpu_groups = [g for g in spec["workerGroupSpecs"]
@@ -166,8 +170,8 @@ def test_rayjob_runs_rsk_dist_train_on_a_valid_config():
     docs = _docs(CLUSTER / "kuberay" / "rayjob.yaml")
     (job,) = [d for d in docs if d["kind"] == "RayJob"]
     entrypoint = job["spec"]["entrypoint"]
-    assert entrypoint.startswith("rsk-dist train ")
-    config_path = entrypoint.split()[2]
+    assert entrypoint.startswith("python -m rsk_dist.cli train ")  # no console script needed
+    config_path = entrypoint.split()[4]
     # the config file the entrypoint names is the ConfigMap mounted on the head
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mount = next(m for c in head["containers"] for m in c.get("volumeMounts", [])
@@ -252,6 +256,7 @@ def test_local_cluster_script_syntax():
     subprocess.run([bash, "-n", str(LOCAL_SCRIPT)], check=True)
     text = LOCAL_SCRIPT.read_text()
     assert "ray stop" not in text.replace("never runs `ray stop`", "").replace("runs `ray stop`", "")
+    assert "_private" not in text, "only Ray's public interfaces"
     out = subprocess.run([bash, str(LOCAL_SCRIPT), "bogus"], capture_output=True, text=True)
     assert out.returncode == 1 and "unknown command" in out.stderr
 
@@ -276,8 +281,8 @@ def _processes_naming(marker: str) -> list[int]:
 
 @pytest.mark.skipif(bool(os.environ.get("RSK_DIST_SKIP_RAY_JOBS")), reason="RSK_DIST_SKIP_RAY_JOBS is set")
 def test_local_cluster_starts_two_nodes_and_stops_clean():
-    """A head and one worker node on 127.0.0.1 (~20-40 s on 2 cores), then `stop`: nothing of
-    it is left running."""
+    """A head and one worker node on the loopback address 127.0.0.2 (~20-40 s on 2 cores), then
+    `stop`: nothing of it is left running."""
     pytest.importorskip("ray")
     directory = tempfile.mkdtemp(prefix="rsk-lc-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -295,17 +300,17 @@ def test_local_cluster_starts_two_nodes_and_stops_clean():
         assert "head + 1 worker node(s)" in started.stdout
         assert (Path(directory) / "auth_token").is_file(), "token auth on, with a generated token"
         probe = (
-            "import ray; ray.init(address='127.0.0.1:%s', logging_level='ERROR', log_to_driver=False);"
+            "import ray; ray.init(address='127.0.0.2:%s', logging_level='ERROR', log_to_driver=False);"
             "nodes = [n for n in ray.nodes() if n['Alive']];"
             "print(len(nodes), sorted(n['NodeManagerAddress'] for n in nodes));"
             "print(sorted(k for n in nodes for k in n['Resources'] if k.startswith('node_')))"
         ) % env["RSK_GCS_PORT"]
-        probe_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+        probe_env = {**env, "RAY_AUTH_MODE": "token",
                      "RAY_AUTH_TOKEN_PATH": str(Path(directory) / "auth_token")}
         out = subprocess.run([sys.executable, "-c", probe], env=probe_env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-3000:]
         lines = out.stdout.strip().splitlines()
-        assert lines[-2] == "2 ['127.0.0.1', '127.0.0.1']", out.stdout
+        assert lines[-2] == "2 ['127.0.0.2', '127.0.0.2']", out.stdout
         assert lines[-1] == "['node_0', 'node_1']", out.stdout
     finally:
         stopped = subprocess.run([*script, "stop"], env=env, capture_output=True, text=True, timeout=120)

@@ -219,7 +219,7 @@ def test_build_submission_carries_no_secrets(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     config = load_config(ROOT / "jobs" / "quickstart.yaml", ["train.epochs=1"])
     entrypoint, env = cli.build_submission(config, ["train.epochs=1"], tmp_path)
-    assert entrypoint == "rsk-dist train job.yaml --set train.epochs=1"
+    assert entrypoint == "python -m rsk_dist.cli train job.yaml --set train.epochs=1"
     assert "env_vars" not in env
     assert env["working_dir"] == str(tmp_path) and Path(env["py_modules"][0]).name == "rsk_dist"
     assert load_config(tmp_path / "job.yaml") == config
@@ -228,6 +228,46 @@ def test_build_submission_carries_no_secrets(tmp_path, monkeypatch):
     assert cli._auth_headers() == {"Authorization": "Bearer token-do-not-ship"}
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     assert cli._auth_headers() == {}
+
+
+KEY, SECRET = "AKIAEXAMPLEKEY", "wJalrXUtnFEMI-example-secret"
+CREDENTIAL_URL = f"s3://{KEY}:{SECRET}@bucket/prefix"
+
+
+@pytest.mark.parametrize("field", ["run__storage_path", "run__resume_from", "data__train__url"])
+def test_config_with_a_credential_url_is_refused(field, tmp_path):
+    changes = {field: CREDENTIAL_URL}
+    if field == "data__train__url":
+        changes["data__train__kind"] = "shards"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_tree(**changes)))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert field.replace("__", ".") in msg and "AWS_ACCESS_KEY_ID" in msg and "AWS_PROFILE" in msg
+    assert KEY not in msg and SECRET not in msg and "s3://***@bucket/prefix" in msg
+    with pytest.raises(ConfigError, match="credentials inside the URL"):  # through --set too
+        load_config(_tree(), [f"{field.replace('__', '.')}={CREDENTIAL_URL}"] + (
+            ["data.train.kind=shards"] if field == "data__train__url" else []))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ingest", "src", CREDENTIAL_URL, "--layout", "folders"],
+        ["gc-dataset", f"s3://{KEY}@bucket/prefix"],
+        ["eval", "file:///tmp/ckpt", "--data", f"shards:{CREDENTIAL_URL}:test"],
+        ["train", "job.yaml", "--resume-from", CREDENTIAL_URL],
+        ["export", CREDENTIAL_URL, "out.pt", "--format", "torchscript"],
+        ["status", "raysubmit_x", "--address", f"http://{KEY}:{SECRET}@head:8265"],
+    ],
+)
+def test_cli_refuses_credential_urls_while_parsing(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "credentials inside the URL" in err and "AWS_ACCESS_KEY_ID" in err
+    assert KEY not in err and SECRET not in err
 
 
 # --- the CLI's commands on real modules ----------------------------------------------------

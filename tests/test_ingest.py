@@ -13,7 +13,7 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("PIL")
 from tests.images import OMNIGLOT_ZIP, image_bytes  # noqa: E402
 from rsk_dist.ingest import IngestError, ingest  # noqa: E402
-from rsk_dist.storage import INDEX, MARKER, PROGRESS, StorageError, open_dataset, preflight  # noqa: E402
+from rsk_dist.storage import INDEX, MARKER, PROGRESS, StorageError, open_dataset, preflight, version_dir  # noqa: E402
 
 
 def put(path: Path, data: bytes | str) -> Path:
@@ -277,7 +277,7 @@ def test_interrupted_ingest_is_rejected_then_completed_by_a_rerun(tmp_path):
     assert not (out / MARKER).exists() and (out / PROGRESS).exists()
     with pytest.raises(StorageError, match="incomplete ingest.*Re-run"):
         preflight(str(out), need_index=True)
-    first_shard = out / "shards/shard-00000.bin"
+    (first_shard,) = out.glob("shards/*/shard-00000.bin")
     stamp = first_shard.stat().st_mtime_ns
     result = ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=300)
     assert result.shards_written == result.num_shards - 2  # the two stored shards were kept
@@ -313,10 +313,75 @@ def test_damaged_dataset_is_reported_and_repaired_by_overwrite(tmp_path):
     make_folders(tmp_path / "src")
     out = tmp_path / "out"
     first = ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=500)
-    (out / "shards/shard-00001.bin").unlink()
-    with pytest.raises(StorageError, match="missing shard objects shards/shard-00001.bin.*overwrite=True"):
+    (out / version_dir(first.fingerprint) / "shard-00001.bin").unlink()
+    with pytest.raises(StorageError, match=f"missing shard objects {version_dir(first.fingerprint)}/shard-00001.bin.*overwrite=True"):
         preflight(str(out), need_index=True)
     assert ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=500).skipped  # trusts its marker
     repaired = ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=500, overwrite=True)
     assert repaired.shards_written == repaired.num_shards == first.num_shards
     assert preflight(str(out), need_index=True)["fingerprint"] == first.fingerprint
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def test_overwrite_while_reading_keeps_the_old_version_consistent(tmp_path):
+    """A reader that opened the dataset keeps reading the bytes it indexed while, and after,
+    ``overwrite=True`` replaces the content; old shards go only with gc_dataset."""
+    import torch
+
+    from rsk_dist.data.shards import ShardReadError, ShardSource
+    from rsk_dist.ingest import gc_dataset
+
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    make_folders(src)
+    first = ingest(str(src), out, "folders", shard_bytes=500)
+    reader = ShardSource(out, "train", image_size=8, train=False, in_channels=1)
+    everything = torch.arange(len(reader))
+    old = reader.read_bytes(everything)
+    assert old == [(src / sid).read_bytes() for sid in reader.sample_ids]
+
+    for path in sorted(src.rglob("*.png")):  # same names, new content and sizes
+        put(path, image_bytes(len(path.name) * 37 + int(path.stem) + 7, size=(33, 21)))
+    seen_during = []
+
+    def read_old(name: str, done: int, total: int) -> None:
+        seen_during.append(reader.read_bytes(everything) == old)
+
+    second = ingest(str(src), out, "folders", shard_bytes=500, overwrite=True, on_shard_written=read_old)
+    assert second.fingerprint != first.fingerprint and seen_during and all(seen_during)
+    assert reader.read_bytes(everything) == old  # after the switch too
+    fresh = ShardSource(out, "train", image_size=8, train=False, in_channels=1)
+    assert fresh.read_bytes(everything) == [(src / sid).read_bytes() for sid in fresh.sample_ids]
+    manifest = json.loads((tmp_path / "out" / MARKER).read_text())
+    assert manifest["versions"] == [version_dir(second.fingerprint), version_dir(first.fingerprint)]
+
+    assert gc_dataset(out, keep_last=2) == []
+    assert gc_dataset(out, keep_last=1) == [version_dir(first.fingerprint)]
+    assert not (tmp_path / "out" / version_dir(first.fingerprint)).exists()
+    assert fresh.read_bytes(everything) == [(src / sid).read_bytes() for sid in fresh.sample_ids]
+    with pytest.raises(ShardReadError, match="is missing"):
+        reader.read_bytes(everything)  # what gc's docstring warns of: run it once old jobs ended
+    with pytest.raises(IngestError, match="keep_last must be at least 1"):
+        gc_dataset(out, keep_last=0)
+
+
+def test_gc_keeps_an_ingest_in_progress_and_removes_pre_versioning_shards(tmp_path):
+    from rsk_dist.ingest import gc_dataset
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_folders(src)
+    ingest(str(src), str(out), "folders", shard_bytes=500)
+    legacy = put(out / "shards" / "shard-00000.bin", b"from a pre-versioning ingest")
+    put(src / "class7/0.png", image_bytes(3))
+
+    def crash(name, done, total):
+        raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest(str(src), str(out), "folders", shard_bytes=500, overwrite=True, on_shard_written=crash)
+    progress = json.loads((out / PROGRESS).read_text())
+    assert gc_dataset(str(out)) == ["shards"] and not legacy.exists()
+    assert (out / version_dir(progress["fingerprint"])).is_dir()  # the interrupted overwrite's
+    resumed = ingest(str(src), str(out), "folders", shard_bytes=500, overwrite=True)
+    assert resumed.shards_written == resumed.num_shards - 1  # resumed, not restarted

@@ -129,7 +129,7 @@ def test_corrupt_image_fails_naming_it(tmp_path):
     ingest(str(tmp_path / "src"), str(tmp_path / "ds"), "folders")
     src = ShardSource(str(tmp_path / "ds"), "train", image_size=16, train=True, in_channels=1, on_bad_sample="fail")
     bad = src.sample_ids.index("class2/0.png")
-    with pytest.raises(BadSampleError, match=r"'class2/0.png'.*shards/shard-00000.bin offset \d+ length 14"):
+    with pytest.raises(BadSampleError, match=r"'class2/0.png'.*shards/[0-9a-f]{16}/shard-00000.bin offset \d+ length 14"):
         src(torch.tensor([0, bad]))
 
 

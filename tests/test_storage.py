@@ -6,10 +6,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +30,8 @@ from rsk_dist.storage import (  # noqa: E402
 )
 
 from tests.conftest import _free_port  # noqa: E402
+
+FINGERPRINT = "0123456789abcdef" * 4
 
 
 def test_filesystem_from_urls(tmp_path):
@@ -68,6 +72,7 @@ def test_redact_hides_secrets_and_url_passwords(monkeypatch):
     text = redact("key SuperSecretValue123 token TokenValue456 url s3://user:pa55word@host/b")
     assert "SuperSecretValue123" not in text and "TokenValue456" not in text and "pa55word" not in text
     assert "s3://***@host/b" in text
+    assert redact("s3://AKIAONLYKEY@bucket/x and s3://bucket/a@b") == "s3://***@bucket/x and s3://bucket/a@b"
 
 
 # --------------------------------------------------------------------------- preflight: reachability
@@ -176,7 +181,7 @@ def _write_dataset(url: str, table, shards: dict[str, bytes], marker: dict | Non
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write(fs, f"{root}/{INDEX}", buf.getvalue())
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": "x", "index": {"sha256": sha256(buf.getvalue())}}
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": FINGERPRINT, "index": {"sha256": sha256(buf.getvalue())}}
     atomic_write(fs, f"{root}/{MARKER}", json.dumps(marker or manifest).encode())
 
 
@@ -214,7 +219,7 @@ def test_preflight_index_without_marker_is_incomplete(s3):
 def test_preflight_accepts_a_well_formed_dataset(s3):
     url = s3.url()
     _write_dataset(url, _table(), {"shards/shard-00000.bin": b"1234", "shards/shard-00001.bin": b"5678"})
-    assert preflight(url, need_index=True, split="train")["fingerprint"] == "x"
+    assert preflight(url, need_index=True, split="train")["fingerprint"] == FINGERPRINT
     with pytest.raises(StorageError, match="split 'test' is not in the dataset.*train"):
         preflight(url, need_index=True, split="test")
 
@@ -261,3 +266,71 @@ def test_preflight_index_changed_after_ingest(tmp_path):
     _write_dataset(url, _table(label=pa.array([5, 6], pa.int64())), {}, marker=marker)
     with pytest.raises(StorageError, match="does not match the sha256"):
         preflight(url, need_index=True)
+
+
+# --------------------------------------------------------------------------- names from storage
+
+
+def _cached_files_outside(root: Path, cache: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and cache not in p.parents]
+
+
+def test_traversal_shard_name_is_refused_before_any_path_join(tmp_path):
+    """An index naming a shard ``shards/../../../escape.bin`` made a worker with ``cache_dir``
+    download that object outside its cache. Now the dataset is refused when opened."""
+    import pyarrow as pa
+    import torch
+
+    from rsk_dist.data.shards import ShardSource
+    from tests.images import image_bytes
+
+    url = f"memory://traversal-{uuid.uuid4().hex[:8]}"
+    evil = "shards/../../../../escape.bin"
+    blob = image_bytes(1, size=(16, 16))
+    table = _table(
+        sample_id=pa.array(["a.png"]), label=pa.array([0], pa.int64()), class_name=pa.array(["x"]),
+        split=pa.array(["train"]), shard=pa.array([evil]), offset=pa.array([0], pa.int64()),
+        length=pa.array([len(blob)], pa.int64()),
+    )
+    _write_dataset(url, table, {evil: blob})
+    cache = tmp_path / "work" / "cache"
+    with pytest.raises(StorageError, match=r"shard names '.*escape.bin' are not shards/"):
+        src = ShardSource(url, "train", image_size=8, train=False, in_channels=1, cache_dir=str(cache))
+        src(torch.tensor([0]))
+        src.close()  # waits for the background download
+    with pytest.raises(StorageError, match="shard names"):
+        preflight(url, need_index=True)
+    assert _cached_files_outside(tmp_path, cache) == []
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"fingerprint": "../../../../tmp/x"}, "fingerprint '../../../../tmp/x' is not 64"),
+        ({"shards": {"shards/x/../../../y.bin": {"size": 1}}}, "shard names"),
+        ({"versions": ["shards/../.."]}, "versions"),
+        ({"version": "1"}, "not a non-negative integer"),
+        ({"shards": {"shards/shard-00000.bin": {"size": "big"}}}, "non-negative integer size"),
+    ],
+)
+def test_manifest_names_are_validated(tmp_path, change, problem):
+    url = str(tmp_path / "ds")
+    _write_dataset(url, _table(), {"shards/shard-00000.bin": b"1234", "shards/shard-00001.bin": b"5678"})
+    marker = json.loads((tmp_path / "ds" / MARKER).read_text())
+    (tmp_path / "ds" / MARKER).write_text(json.dumps({**marker, **change}))
+    with pytest.raises(StorageError, match=f"not a valid rsk_dist dataset manifest: .*{re.escape(problem)}"):
+        preflight(url, need_index=True)
+
+
+def test_index_split_names_and_ranges_are_validated(tmp_path):
+    import pyarrow as pa
+
+    url = str(tmp_path / "ds")
+    _write_dataset(
+        url,
+        _table(split=pa.array(["../train", "train"]), offset=pa.array([0, 2**62], pa.int64())),
+        {"shards/shard-00000.bin": b"1234", "shards/shard-00001.bin": b"5678"},
+    )
+    with pytest.raises(StorageError) as err:
+        preflight(url, need_index=True)
+    assert "split names '../train'" in str(err.value) and "offsets outside" in str(err.value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -77,8 +78,23 @@ def _kill_leftovers(marker: str) -> None:
                 pass
 
 
+def _path_without_console_script(bin_dir: Path) -> str:
+    """A PATH whose ``python`` is this interpreter (a wrapper script in ``bin_dir``) and on
+    which no ``rsk-dist`` console script is found: an image without the package installed."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = bin_dir / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    venv_bin = str(Path(sys.executable).parent)
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin]
+    path = os.pathsep.join([str(bin_dir), *rest])
+    assert shutil.which("rsk-dist", path=path) is None, "the console script must not be on the head's PATH"
+    return path
+
+
 class RayHead:
-    """A Ray head node with its dashboard/job server on 127.0.0.1, token authentication on."""
+    """A Ray head node with its dashboard/job server on 127.0.0.1, token authentication on, and
+    no ``rsk-dist`` console script on its PATH (jobs run ``python -m rsk_dist.cli``)."""
 
     def __init__(self) -> None:
         self.token = secrets.token_hex(32)
@@ -87,7 +103,7 @@ class RayHead:
         self.address = f"http://127.0.0.1:{dash}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(
-            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # rsk-dist, python
+            PATH=_path_without_console_script(Path(self.temp_dir) / "bin"),
             RAY_USAGE_STATS_ENABLED="0",
             # Ray's single-machine mode: every node address is the loopback one.
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
@@ -180,6 +196,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_submit_status_logs_until_recall(head, capsys):
+    """The whole path of a submission, on a head whose PATH has no rsk-dist console script."""
     code, out, err = _run(capsys, "submit", str(QUICKSTART), *TINY, "--address", head.address, "--no-wait")
     assert code == 0, err
     job_id = out.strip()
