@@ -191,7 +191,9 @@ def node_lock(directory: str) -> Iterator[None]:
 
 def cached_shards(cache_dir: str) -> list[str]:
     """The complete shard files in ``cache_dir``, of every dataset (downloads in progress excluded)."""
-    return [p for p in glob.glob(os.path.join(glob.escape(cache_dir), "*", "shards", "*")) if ".tmp-" not in p]
+    # Shards sit in shards/ itself (flat datasets) or in its content-version folders.
+    pattern = os.path.join(glob.escape(cache_dir), "*", "shards", "**")
+    return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and ".tmp-" not in p]
 
 
 def evict(cache_dir: str, limit: int, need: int) -> None:
