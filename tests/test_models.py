@@ -194,7 +194,6 @@ def test_missing_torchvision_gives_install_hint(monkeypatch):
 
 
 def test_resnet50_shapes_and_frozen_bn():
-    pytest.importorskip("torchvision")
     model = build_model("resnet50", dim=64).train()
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(not m.training for m in bns)
@@ -207,7 +206,7 @@ def test_resnet50_shapes_and_frozen_bn():
 
 
 def test_resnet50_pretrained_from_local_file(tmp_path):
-    tv = pytest.importorskip("torchvision")
+    import torchvision as tv
     ref = tv.models.resnet50(weights=None)
     torch.save(ref.state_dict(), tmp_path / "r50.pth")
     model = build_model("resnet50", pretrained=str(tmp_path / "r50.pth"))
@@ -217,7 +216,6 @@ def test_resnet50_pretrained_from_local_file(tmp_path):
 @pytest.mark.parametrize("name", ["vit_b_32", "vit_b_16"])
 @pytest.mark.parametrize("pooling", ["cls", "avg"])
 def test_vit_shapes(name, pooling):
-    pytest.importorskip("torchvision")
     model = build_model(name, dim=32, pooling=pooling).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 3, 224, 224))

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest.importorskip("fsspec")
-pytest.importorskip("pyarrow")
 
 from rsk_dist.storage import (  # noqa: E402
     INDEX,
