@@ -159,6 +159,9 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        # In float32 whatever autocast chose: in float16, eps ** p underflows to 0, and the root's
+        # gradient at 0 is inf, so every float16 step would overflow and be skipped.
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         p = self.p.to(x.dtype)
         return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
@@ -195,6 +198,13 @@ class EmbeddingModel(nn.Module):
         self.head = nn.Linear(feature_dim, dim)
         self.feature_dim = feature_dim
         self.dim = dim
+        self.memory_format = torch.contiguous_format
+
+    def use_channels_last(self) -> EmbeddingModel:
+        """Weights and inputs in NHWC layout, which cuDNN's (and oneDNN's) fastest convolutions
+        use under mixed precision; the function computed stays the same."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
 
     def pool(self, features: Tensor) -> Tensor:
         if features.dim() == 4:
@@ -214,6 +224,8 @@ class EmbeddingModel(nn.Module):
         raise ValueError(f"backbone output of shape {tuple(features.shape)} is not supported")
 
     def forward(self, images: Tensor) -> Tensor:
+        if images.dim() == 4:
+            images = images.contiguous(memory_format=self.memory_format)
         x = self.pool(self.backbone(images))
         x = self.head(self.dropout(x))
         return F.normalize(x, dim=-1)
@@ -328,6 +340,8 @@ def build_model(
     in_channels: int = 3,
     dropout: float = 0.0,
     freeze_bn: bool = True,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> EmbeddingModel:
     """Build an :class:`EmbeddingModel` by backbone name (one of :data:`MODEL_NAMES`).
 
@@ -337,6 +351,9 @@ def build_model(
     weights_only=True)``; for ``small_cnn`` a state dict of the :class:`SmallCNN` backbone).
     ``in_channels``: 1 or 3 for ``small_cnn``; torchvision backbones take 3. ``dropout`` is applied
     to the pooled features before the head. ``freeze_bn`` freezes ResNet-50's BatchNorm statistics.
+    ``channels_last``: see :meth:`EmbeddingModel.use_channels_last`. ``compile``: the backbone is
+    compiled in place (``nn.Module.compile``, so state-dict keys stay those of the eager model)
+    on its first forward.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -366,4 +383,9 @@ def build_model(
         vit = _torchvision_model(name, pretrained, head_prefix="heads.")
         feature_dim = vit.hidden_dim
         backbone = _ViTTokens(vit)
-    return EmbeddingModel(backbone, feature_dim, dim=dim, pooling=pooling, dropout=dropout)
+    model = EmbeddingModel(backbone, feature_dim, dim=dim, pooling=pooling, dropout=dropout)
+    if channels_last:
+        model.use_channels_last()
+    if compile:
+        model.backbone.compile()
+    return model
