@@ -9,7 +9,7 @@ Backbones:
   as in the paper.
 - ``vit_b_16`` / ``vit_b_32``: torchvision's ViT without its classifier head; the embedding comes from
   the class token (``pooling="cls"``, the default) or the mean of all tokens (``pooling="avg"``).
-  Inputs must be 224 x 224.
+  Inputs must be of the size the model is built for (``image_size``, 224 by default).
 
 torchvision is imported only when one of its backbones is built, so this module needs torch alone.
 """
@@ -301,24 +301,44 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict:
     return state
 
 
-def _torchvision_model(name: str, pretrained: bool | str | os.PathLike, head_prefix: str) -> nn.Module:
-    """Build torchvision model ``name``; weights from a local state-dict file, torchvision, or none."""
+def _downloaded_state(models, name: str) -> dict:
+    """torchvision's default weights for ``name``, from the torch hub cache or downloaded into it."""
+    weights = models.get_model_weights(name).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as e:
+        import torch.hub
+
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise RuntimeError(
+            f"could not get torchvision's pretrained weights for {name} from {weights.url} ({e}). "
+            f"Without network access, either set model.pretrained to a local state-dict file (e.g. that "
+            f"file, copied from a machine that can download it), or pre-download it to {cached} "
+            f"(the torch hub cache; TORCH_HOME moves it), where it is found without a download"
+        ) from e
+
+
+def _torchvision_model(
+    name: str, pretrained: bool | str | os.PathLike, head_prefix: str, **options: int
+) -> nn.Module:
+    """torchvision model ``name`` (constructor ``options``, e.g. a ViT's ``image_size``); weights
+    from torchvision's download, a local state-dict file, or none."""
     models = _import_torchvision()
-    constructor: Callable[..., nn.Module] = getattr(models, name)
-    if pretrained is True:
-        try:
-            return constructor(weights="DEFAULT")
-        except Exception as e:
-            raise RuntimeError(
-                f"could not get torchvision's default pretrained weights for {name} ({e}); pass "
-                f"pretrained='/path/to/{name}.pth' (a local state-dict file) or pretrained=False"
-            ) from e
-    model = constructor(weights=None)
+    model = getattr(models, name)(weights=None, **options)
     if pretrained is False or pretrained is None:
         return model
-    if not isinstance(pretrained, (str, os.PathLike)):
+    if pretrained is True:
+        state = _downloaded_state(models, name)
+    elif isinstance(pretrained, (str, os.PathLike)):
+        state = _load_state_dict_file(pretrained)
+    else:
         raise TypeError(f"pretrained must be a bool or a path, got {type(pretrained).__name__}")
-    state = _load_state_dict_file(pretrained)
+    pos = state.get("encoder.pos_embedding")
+    if pos is not None and pos.shape != model.encoder.pos_embedding.shape:
+        # Weights for another image size (torchvision's are for 224): resample the position grid.
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = interpolate_embeddings(model.image_size, model.patch_size, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The classifier head is dropped anyway, so a backbone-only file is fine.
     missing = [k for k in missing if not k.startswith(head_prefix)]
@@ -342,6 +362,7 @@ def build_model(
     freeze_bn: bool = True,
     channels_last: bool = False,
     compile: bool = False,
+    image_size: int = 224,
 ) -> EmbeddingModel:
     """Build an :class:`EmbeddingModel` by backbone name (one of :data:`MODEL_NAMES`).
 
@@ -353,7 +374,8 @@ def build_model(
     to the pooled features before the head. ``freeze_bn`` freezes ResNet-50's BatchNorm statistics.
     ``channels_last``: see :meth:`EmbeddingModel.use_channels_last`. ``compile``: the backbone is
     compiled in place (``nn.Module.compile``, so state-dict keys stay those of the eager model)
-    on its first forward.
+    on its first forward. ``image_size``: the input size a ViT is built for (its position
+    embeddings; pretrained ones are resampled to it); CNNs take any size.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -380,7 +402,7 @@ def build_model(
         if freeze_bn:
             freeze_batchnorm(backbone)
     else:
-        vit = _torchvision_model(name, pretrained, head_prefix="heads.")
+        vit = _torchvision_model(name, pretrained, head_prefix="heads.", image_size=image_size)
         feature_dim = vit.hidden_dim
         backbone = _ViTTokens(vit)
     model = EmbeddingModel(backbone, feature_dim, dim=dim, pooling=pooling, dropout=dropout)
