@@ -305,6 +305,13 @@ def test_vit_shapes(name, pooling):
     assert model.feature_dim == 768
 
 
+def test_compile_option_compiles_the_backbone_in_place():
+    model = build_model("small_cnn", dim=16, in_channels=1, compile=True)
+    assert model.backbone._compiled_call_impl is not None and model._compiled_call_impl is None
+    # in place: the state dict keeps the eager model's keys, so checkpoints load either way
+    assert model.state_dict().keys() == build_model("small_cnn", dim=16, in_channels=1).state_dict().keys()
+
+
 def test_channels_last_computes_the_same_function():
     torch.manual_seed(2)
     model = build_model("resnet50", dim=16).eval()
