@@ -5,9 +5,9 @@ Like GradCache, the mechanism is one class whose phases are named methods:
 :meth:`LargeBatchStep.embedding_gradient` (loss on all embeddings and its gradient) and
 :meth:`LargeBatchStep.backward` (pass 2, each chunk again with its RNG state, backpropagating its
 slice of the cached gradient), then :meth:`LargeBatchStep.optimizer_step` (unscale float16
-gradients, skip a step with inf/NaN, update the scale). The parameter gradient equals one full-batch backward because
-``d loss / d theta = sum_i (d loss / d e_i) (d e_i / d theta)`` and pass 2 replays exactly the
-pass-1 forward of every ``e_i``.
+gradients, skip a step with inf/NaN, update the scale). The parameter gradient equals one
+full-batch backward because ``d loss / d theta = sum_i (d loss / d e_i) (d e_i / d theta)`` and
+pass 2 replays exactly the pass-1 forward of every ``e_i``.
 """
 from __future__ import annotations
 

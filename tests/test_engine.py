@@ -257,11 +257,12 @@ def test_trainer_checkpoints_and_restores_the_grad_scaler(tmp_path):
 
     config = load_config({
         "data": {"train": {"kind": "digits", "split": "train"}, "image_size": 8},
-        "model": {"in_channels": 1, "dim": 16}, "sampler": {"batch_size": 40},
+        "model": {"in_channels": 1, "dim": 16, "channels_last": True}, "sampler": {"batch_size": 40},
         "train": {"epochs": 1, "steps_per_epoch": 2, "chunk_size": 20, "autocast": "fp16"},
         "run": {"name": "amp", "storage_path": f"file://{tmp_path}"},
     })
     trainer, states = Trainer(config, torch.device("cpu")), []
+    assert trainer.model.memory_format == torch.channels_last
     # a scale that differs from a fresh scaler's
     trainer.step.grad_scaler.load_state_dict(torch.amp.GradScaler("cpu", init_scale=2.0**7).state_dict())
     trainer.run(lambda metrics, state: states.append(state))
