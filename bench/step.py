@@ -1,5 +1,6 @@
-"""One training step of the small CNN against batch size: the two-pass step beside single-pass
-backprop, seconds per step and peak memory growth.
+"""One training step against batch size: the two-pass step beside single-pass backprop, seconds
+per step and peak memory growth; the small CNN over a range of batches, and the paper's ResNet-50
+(frozen BatchNorm) at 224 px on a small batch, on the CPU and, with ``--device cuda``, on the GPU too.
 
 Two-pass is ``LargeBatchStep(model, loss, chunk_size).step(images, labels)`` (spec §3); single
 pass is ``loss(model(images), labels).backward()``, autograd keeping the whole batch's
@@ -14,8 +15,12 @@ pools (the same at every batch) are not counted either. What two-pass memory sti
 embeddings and the N x N similarities and their gradient, which are the batch's own and do not
 depend on the model.
 
-    python bench/step.py [--device cpu|cuda] [--sizes 256 512 1024 2048 4096 8192]
-                         [--chunk 256] [--single-max 8192] [--repeats 2]
+ResNet-50: 3 x 224 x 224 random images, dim 512, the same loss; ``--resnet50-batch`` images in
+chunks of ``--resnet50-chunk``. ``--autocast bf16`` runs both forwards under autocast.
+
+    python bench/step.py [--device cpu|cuda] [--models small_cnn resnet50] [--autocast none|bf16|fp16]
+                         [--sizes 256 512 1024 2048 4096 8192] [--chunk 256] [--single-max 8192]
+                         [--resnet50-batch 8] [--resnet50-chunk 2] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -33,72 +38,105 @@ from rsk_dist.engine import LargeBatchStep  # noqa: E402
 from rsk_dist.losses import RecallAtKSurrogate  # noqa: E402
 from rsk_dist.models import build_model  # noqa: E402
 
-DIM, PER_CLASS, IMAGE_SIZE, TAU2 = 128, 4, 28, 0.003
+PER_CLASS, TAU2 = 4, 0.003
+# name: (embedding dim, channels, image size)
+MODELS = {"small_cnn": (128, 1, 28), "resnet50": (512, 3, 224)}
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_case(impl: str, n: int, chunk: int, device: str, repeats: int) -> dict:
+def run_case(impl: str, name: str, n: int, chunk: int, device: str, repeats: int, autocast: str) -> dict:
     torch.manual_seed(0)
-    model = build_model("small_cnn", dim=DIM, in_channels=1).to(device)
+    dim, channels, size = MODELS[name]
+    model = build_model(name, dim=dim, in_channels=channels).to(device)
     loss = RecallAtKSurrogate(tau2=TAU2)
     # Created before measure() takes its baseline: the batch's pixels are an input, not a cost.
-    images = torch.rand(n, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    images = torch.rand(n, channels, size, size, device=device)
     labels = torch.arange(n // PER_CLASS, device=device).repeat_interleave(PER_CLASS)
-    two_pass = LargeBatchStep(model, loss, chunk_size=chunk)
+    dtype = AUTOCAST[autocast]
+    two_pass = LargeBatchStep(model, loss, chunk_size=chunk, autocast_dtype=dtype)
 
     def run(x: torch.Tensor = images, y: torch.Tensor = labels) -> None:
         model.zero_grad(set_to_none=True)
         if impl == "two-pass":
             two_pass.step(x, y)
         else:
-            loss(model(x), y).backward()
+            with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                embeddings = model(x)
+            loss(embeddings.float(), y).backward()
 
-    # A step on 8 images first: the first step also pages in libtorch code and sets up thread
-    # pools (tens of MB of RSS, the same at every batch), which is not the step's memory.
-    run(images[: 2 * PER_CLASS], labels[: 2 * PER_CLASS])
+    # A step on at most 8 images (half the batch) first: the first step also pages in libtorch
+    # code and sets up thread pools (tens of MB of RSS, the same at every batch), which is not
+    # the step's memory.
+    warm = min(2 * PER_CLASS, n // 2)
+    run(images[:warm], labels[:warm])
     return measure(run, device, repeats=repeats)
+
+
+def compare(name: str, n: int, chunk: int, device: str, args: argparse.Namespace, single: bool = True) -> tuple[list[str], dict]:
+    """A table row: both implementations in fresh processes, and their ratios; and the two-pass result."""
+    case = [name, str(n), str(chunk), device, str(args.repeats), args.autocast]
+    ours = in_subprocess(__file__, ["two-pass", *case])
+    base = in_subprocess(__file__, ["single", *case]) if single else {"error": "not run"}
+    row = []
+    for r in (ours, base):
+        row += [r["error"], "-"] if "error" in r else [f"{r['seconds']:.3f}", f"{r['peak_growth_mb']:.0f}"]
+    if "error" in ours or "error" in base:
+        row += ["-", "-"]
+    else:
+        row += [f"{ours['seconds'] / base['seconds']:.2f}x",
+                f"{base['peak_growth_mb'] / max(ours['peak_growth_mb'], 1):.1f}x"]
+    print(f"done {name} N={n} on {device}", file=sys.stderr)
+    return row, ours
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda: the small CNN on the GPU, and ResNet-50 on both the CPU and the GPU")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--autocast", choices=list(AUTOCAST), default="none")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192],
-                        help="batch sizes (multiples of 4)")
+                        help="small CNN batch sizes (multiples of 4)")
     parser.add_argument("--chunk", type=int, default=256, help="two-pass chunk size, the same at every batch")
     parser.add_argument("--single-max", type=int, default=8192,
                         help="largest batch to run single pass at (a failure, e.g. out of memory, shows as an error)")
+    parser.add_argument("--resnet50-batch", type=int, default=8, help="ResNet-50 batch size (a multiple of 4)")
+    parser.add_argument("--resnet50-chunk", type=int, default=2, help="ResNet-50 two-pass chunk size")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per case, after one warm-up")
-    parser.add_argument("--case", nargs=5, metavar=("IMPL", "N", "CHUNK", "DEVICE", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--case", nargs=7, metavar=("IMPL", "MODEL", "N", "CHUNK", "DEVICE", "REPEATS", "AUTOCAST"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        impl, n, chunk, device, repeats = args.case
-        print(json.dumps(run_case(impl, int(n), int(chunk), device, int(repeats))))
+        impl, name, n, chunk, device, repeats, autocast = args.case
+        print(json.dumps(run_case(impl, name, int(n), int(chunk), device, int(repeats), autocast)))
         return
 
-    rows, two_pass_mb = [], []
-    for n in args.sizes:
-        case = [str(n), str(args.chunk), args.device, str(args.repeats)]
-        ours = in_subprocess(__file__, ["two-pass", *case])
-        single = in_subprocess(__file__, ["single", *case]) if n <= args.single_max else {"error": "not run"}
-        row = [str(n)]
-        for r in (ours, single):
-            row += [r["error"], "-"] if "error" in r else [f"{r['seconds']:.3f}", f"{r['peak_growth_mb']:.0f}"]
-        if "error" in ours or "error" in single:
-            row += ["-", "-"]
-        else:
-            row += [f"{ours['seconds'] / single['seconds']:.2f}x",
-                    f"{single['peak_growth_mb'] / max(ours['peak_growth_mb'], 1):.1f}x"]
-        rows.append(row)
-        if "error" not in ours:
-            two_pass_mb.append((n, ours["peak_growth_mb"]))
-        print(f"done N={n}", file=sys.stderr)
-    print(f"Training step, small_cnn dim {DIM}, 1x{IMAGE_SIZE}x{IMAGE_SIZE}, {PER_CLASS} per class, RS@k tau2={TAU2}, "
-          f"two-pass chunk {args.chunk}, device {args.device}: {machine()}\n")
-    print(table(["batch", "two-pass s/step", "two-pass MB", "single s/step", "single MB",
-                 "time ratio (two-pass / single)", "memory ratio (single / two-pass)"], rows))
-    if len(two_pass_mb) >= 2:
-        (n0, mb0), (n1, mb1) = two_pass_mb[0], two_pass_mb[-1]
-        print(f"\nTwo-pass peak memory growth from batch {n0} to {n1}: {100 * (mb1 - mb0) / max(mb0, 1):+.0f}% "
-              f"({mb0:.0f} MB -> {mb1:.0f} MB)")
+    header = ["two-pass s/step", "two-pass MB", "single s/step", "single MB",
+              "time ratio (two-pass / single)", "memory ratio (single / two-pass)"]
+    memory = "peak allocated" if args.device == "cuda" else "peak RSS growth"
+    if "small_cnn" in args.models:
+        rows, two_pass_mb = [], []
+        for n in args.sizes:
+            row, ours = compare("small_cnn", n, args.chunk, args.device, args, single=n <= args.single_max)
+            rows.append([str(n), *row])
+            if "error" not in ours:
+                two_pass_mb.append((n, ours["peak_growth_mb"]))
+        dim, channels, size = MODELS["small_cnn"]
+        print(f"Training step, small_cnn dim {dim}, {channels}x{size}x{size}, {PER_CLASS} per class, RS@k tau2={TAU2}, "
+              f"two-pass chunk {args.chunk}, device {args.device}, autocast {args.autocast}, MB: {memory}: {machine()}\n")
+        print(table(["batch", *header], rows))
+        if len(two_pass_mb) >= 2:
+            (n0, mb0), (n1, mb1) = two_pass_mb[0], two_pass_mb[-1]
+            print(f"\nTwo-pass peak memory growth from batch {n0} to {n1}: {100 * (mb1 - mb0) / max(mb0, 1):+.0f}% "
+                  f"({mb0:.0f} MB -> {mb1:.0f} MB)\n")
+    if "resnet50" in args.models:
+        devices = ["cpu", "cuda"] if args.device == "cuda" else ["cpu"]
+        rows = [[d, *compare("resnet50", args.resnet50_batch, args.resnet50_chunk, d, args)[0]] for d in devices]
+        dim, channels, size = MODELS["resnet50"]
+        print(f"Training step, resnet50 (BatchNorm frozen) dim {dim}, {channels}x{size}x{size}, batch {args.resnet50_batch}, "
+              f"two-pass chunk {args.resnet50_chunk}, autocast {args.autocast}, MB: peak RSS growth (cpu), "
+              f"peak allocated (cuda): {machine()}\n")
+        print(table(["device", *header], rows))
 
 
 if __name__ == "__main__":

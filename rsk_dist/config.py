@@ -34,6 +34,8 @@ class ModelConfig(Section):
     in_channels: int = Field(3, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_bn: bool = True
+    compile: bool = False  # torch.compile the backbone (first steps slower while it compiles)
+    channels_last: bool = False  # NHWC weights and images: faster convolutions under autocast
 
 
 class LossConfig(Section):
@@ -162,8 +164,6 @@ class JobConfig(Section):
                 f"sampler.batch_size {self.sampler.batch_size} does not split into "
                 f"{workers} equal worker shards: make it a multiple of scaling.num_workers"
             )
-        if self.train.autocast != "none" and not self.scaling.use_gpu:
-            raise ValueError("train.autocast is for GPUs: set scaling.use_gpu: true or autocast: none")
         return self
 
 

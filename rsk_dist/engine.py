@@ -4,9 +4,10 @@ Like GradCache, the mechanism is one class whose phases are named methods:
 :meth:`LargeBatchStep.embed` (pass 1, no graph, RNG state saved per chunk),
 :meth:`LargeBatchStep.embedding_gradient` (loss on all embeddings and its gradient) and
 :meth:`LargeBatchStep.backward` (pass 2, each chunk again with its RNG state, backpropagating its
-slice of the cached gradient). The parameter gradient equals one full-batch backward because
-``d loss / d theta = sum_i (d loss / d e_i) (d e_i / d theta)`` and pass 2 replays exactly the
-pass-1 forward of every ``e_i``.
+slice of the cached gradient), then :meth:`LargeBatchStep.optimizer_step` (unscale float16
+gradients, skip a step with inf/NaN, update the scale). The parameter gradient equals one
+full-batch backward because ``d loss / d theta = sum_i (d loss / d e_i) (d e_i / d theta)`` and
+pass 2 replays exactly the pass-1 forward of every ``e_i``.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class LargeBatchStep:
 
     ``loss_fn`` is called as ``loss_fn(embeddings, labels, generator=generator)`` on all the
     batch's embeddings (float32); a distributed loss wrapper makes that the global batch.
-    The optimizer step is the caller's, so this works in a plain PyTorch loop.
+    :meth:`step` leaves the gradients in ``.grad`` (multiplied by the GradScaler's scale under
+    float16) for the caller to sum over workers; :meth:`optimizer_step` then applies them.
     """
 
     def __init__(
@@ -139,3 +141,20 @@ class LargeBatchStep:
             embeddings=embeddings,
             timings={"embed_s": t1 - t0, "loss_s": t2 - t1, "backward_s": t3 - t2},
         )
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Steps ``optimizer`` on the gradients in ``.grad``; returns whether it stepped.
+
+        With a GradScaler the gradients are unscaled first, a step whose gradients hold inf or
+        NaN is skipped and the scale is updated (lowered after such a step). Call it after the
+        workers' gradients are summed: a non-finite value on any worker is then in every worker's
+        sum, so all of them skip the same step and keep the same scale.
+        """
+        if self.grad_scaler is None:
+            optimizer.step()
+            return True
+        scale = self.grad_scaler.get_scale()
+        self.grad_scaler.step(optimizer)
+        self.grad_scaler.update()
+        # update() lowers the scale exactly when it found inf/NaN (and then step() skipped).
+        return self.grad_scaler.get_scale() >= scale

@@ -2,8 +2,8 @@
 
 The thin loop that wires the components: the sampler picks the worker's shard, the data
 source fetches it, the two-pass step leaves this worker's share of the gradient, the workers'
-shares are summed, and the optimizer steps. The same function runs in a plain process, under
-torch.distributed, and inside Ray Train.
+shares are summed, and the optimizer steps (skipped on every worker alike when float16 gradients
+overflowed). The same function runs in a plain process, under torch.distributed, and inside Ray Train.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def train_step(
     t2 = time.perf_counter()
     grad_bytes = sum_gradients(step.model, group)
     t3 = time.perf_counter()
-    optimizer.step()
+    stepped = step.optimizer_step(optimizer)
     t4 = time.perf_counter()
     loss_stats = getattr(step.loss_fn, "stats", {})
     comm_s = loss_stats.get("comm_s", 0.0) + (t3 - t2)
@@ -59,4 +59,5 @@ def train_step(
         "comm_s": comm_s,
         "step_s": t4 - t0,
         "bytes_received": loss_stats.get("bytes_received", 0.0) + grad_bytes * (world - 1) / world,
+        "skipped": float(not stepped),  # float16: a step with inf/NaN gradients is not applied
     }

@@ -9,7 +9,7 @@ Backbones:
   as in the paper.
 - ``vit_b_16`` / ``vit_b_32``: torchvision's ViT without its classifier head; the embedding comes from
   the class token (``pooling="cls"``, the default) or the mean of all tokens (``pooling="avg"``).
-  Inputs must be 224 x 224.
+  Inputs must be of the size the model is built for (``image_size``, 224 by default).
 
 torchvision is imported only when one of its backbones is built, so this module needs torch alone.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +158,9 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        # In float32 whatever autocast chose: in float16, eps ** p underflows to 0, and the root's
+        # gradient at 0 is inf, so every float16 step would overflow and be skipped.
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         p = self.p.to(x.dtype)
         return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
@@ -195,6 +197,13 @@ class EmbeddingModel(nn.Module):
         self.head = nn.Linear(feature_dim, dim)
         self.feature_dim = feature_dim
         self.dim = dim
+        self.memory_format = torch.contiguous_format
+
+    def use_channels_last(self) -> EmbeddingModel:
+        """Weights and inputs in NHWC layout, which cuDNN's (and oneDNN's) fastest convolutions
+        use under mixed precision; the function computed stays the same."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
 
     def pool(self, features: Tensor) -> Tensor:
         if features.dim() == 4:
@@ -214,6 +223,8 @@ class EmbeddingModel(nn.Module):
         raise ValueError(f"backbone output of shape {tuple(features.shape)} is not supported")
 
     def forward(self, images: Tensor) -> Tensor:
+        if images.dim() == 4:
+            images = images.contiguous(memory_format=self.memory_format)
         x = self.pool(self.backbone(images))
         x = self.head(self.dropout(x))
         return F.normalize(x, dim=-1)
@@ -289,24 +300,44 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict:
     return state
 
 
-def _torchvision_model(name: str, pretrained: bool | str | os.PathLike, head_prefix: str) -> nn.Module:
-    """Build torchvision model ``name``; weights from a local state-dict file, torchvision, or none."""
+def _downloaded_state(models, name: str) -> dict:
+    """torchvision's default weights for ``name``, from the torch hub cache or downloaded into it."""
+    weights = models.get_model_weights(name).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as e:
+        import torch.hub
+
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise RuntimeError(
+            f"could not get torchvision's pretrained weights for {name} from {weights.url} ({e}). "
+            f"Without network access, either set model.pretrained to a local state-dict file (e.g. that "
+            f"file, copied from a machine that can download it), or pre-download it to {cached} "
+            f"(the torch hub cache; TORCH_HOME moves it), where it is found without a download"
+        ) from e
+
+
+def _torchvision_model(
+    name: str, pretrained: bool | str | os.PathLike, head_prefix: str, **options: int
+) -> nn.Module:
+    """torchvision model ``name`` (constructor ``options``, e.g. a ViT's ``image_size``); weights
+    from torchvision's download, a local state-dict file, or none."""
     models = _import_torchvision()
-    constructor: Callable[..., nn.Module] = getattr(models, name)
-    if pretrained is True:
-        try:
-            return constructor(weights="DEFAULT")
-        except Exception as e:
-            raise RuntimeError(
-                f"could not get torchvision's default pretrained weights for {name} ({e}); pass "
-                f"pretrained='/path/to/{name}.pth' (a local state-dict file) or pretrained=False"
-            ) from e
-    model = constructor(weights=None)
+    model = getattr(models, name)(weights=None, **options)
     if pretrained is False or pretrained is None:
         return model
-    if not isinstance(pretrained, (str, os.PathLike)):
+    if pretrained is True:
+        state = _downloaded_state(models, name)
+    elif isinstance(pretrained, (str, os.PathLike)):
+        state = _load_state_dict_file(pretrained)
+    else:
         raise TypeError(f"pretrained must be a bool or a path, got {type(pretrained).__name__}")
-    state = _load_state_dict_file(pretrained)
+    pos = state.get("encoder.pos_embedding")
+    if pos is not None and pos.shape != model.encoder.pos_embedding.shape:
+        # Weights for another image size (torchvision's are for 224): resample the position grid.
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = interpolate_embeddings(model.image_size, model.patch_size, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The classifier head is dropped anyway, so a backbone-only file is fine.
     missing = [k for k in missing if not k.startswith(head_prefix)]
@@ -328,6 +359,9 @@ def build_model(
     in_channels: int = 3,
     dropout: float = 0.0,
     freeze_bn: bool = True,
+    channels_last: bool = False,
+    compile: bool = False,
+    image_size: int = 224,
 ) -> EmbeddingModel:
     """Build an :class:`EmbeddingModel` by backbone name (one of :data:`MODEL_NAMES`).
 
@@ -337,6 +371,10 @@ def build_model(
     weights_only=True)``; for ``small_cnn`` a state dict of the :class:`SmallCNN` backbone).
     ``in_channels``: 1 or 3 for ``small_cnn``; torchvision backbones take 3. ``dropout`` is applied
     to the pooled features before the head. ``freeze_bn`` freezes ResNet-50's BatchNorm statistics.
+    ``channels_last``: see :meth:`EmbeddingModel.use_channels_last`. ``compile``: the backbone is
+    compiled in place (``nn.Module.compile``, so state-dict keys stay those of the eager model)
+    on its first forward. ``image_size``: the input size a ViT is built for (its position
+    embeddings; pretrained ones are resampled to it); CNNs take any size.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -363,7 +401,12 @@ def build_model(
         if freeze_bn:
             freeze_batchnorm(backbone)
     else:
-        vit = _torchvision_model(name, pretrained, head_prefix="heads.")
+        vit = _torchvision_model(name, pretrained, head_prefix="heads.", image_size=image_size)
         feature_dim = vit.hidden_dim
         backbone = _ViTTokens(vit)
-    return EmbeddingModel(backbone, feature_dim, dim=dim, pooling=pooling, dropout=dropout)
+    model = EmbeddingModel(backbone, feature_dim, dim=dim, pooling=pooling, dropout=dropout)
+    if channels_last:
+        model.use_channels_last()
+    if compile:
+        model.backbone.compile()
+    return model

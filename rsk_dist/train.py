@@ -97,6 +97,7 @@ class Trainer:
         self.model = build_model(
             c.model.name, dim=c.model.dim, pooling=c.model.pooling, pretrained=c.model.pretrained,
             in_channels=c.model.in_channels, dropout=c.model.dropout, freeze_bn=c.model.freeze_bn,
+            channels_last=c.model.channels_last, compile=c.model.compile,
         ).to(device)
         self.loss = build_loss(c.loss)
         self.optimizer, self.scheduler = build_optimizer(c.optim, self.model)
@@ -117,12 +118,15 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+            if scaler is not None and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])
 
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": 0,
             "history": self.history, "best": self.best, "config": self.config.model_dump(mode="json"),
+            "grad_scaler": self.step.grad_scaler.state_dict() if self.step.grad_scaler is not None else None,
         }
 
     def run(self, report) -> None:

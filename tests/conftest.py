@@ -48,8 +48,6 @@ def s3() -> Iterator[MotoS3]:
     (dummy keys, AWS_ENDPOINT_URL) and one bucket; the environment is restored afterwards."""
     import logging
 
-    pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

@@ -7,9 +7,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("fsspec")
-
-from rsk_dist.checkpoint import MANIFEST, STATE, CheckpointError, load_state, save_state  # noqa: E402
+from rsk_dist.checkpoint import MANIFEST, STATE, CheckpointError, load_state, save_state
 
 
 def test_round_trip(tmp_path):

@@ -9,7 +9,6 @@ import os
 import pytest
 import yaml
 
-pytest.importorskip("pydantic")
 
 from rsk_dist.cli import main, parse_data_spec  # noqa: E402
 from rsk_dist.config import ConfigError, dump_config, load_config, parse_overrides  # noqa: E402

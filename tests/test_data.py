@@ -115,7 +115,6 @@ def test_small_synthetic_zip_classes_and_inversion(tmp_path):
 
 
 def test_digits():
-    pytest.importorskip("sklearn")
     images, labels = load_digits()
     assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32
     assert labels.shape == (1797,) and labels.dtype == torch.int64

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
+import ray
 
 from rsk_dist.checkpoint import CheckpointError, load_state  # noqa: E402
 from rsk_dist.config import load_config  # noqa: E402

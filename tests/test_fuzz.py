@@ -22,22 +22,17 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("hypothesis")
-pytest.importorskip("pyarrow")
-pytest.importorskip("pydantic")
-pytest.importorskip("PIL")
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from rsk_dist.checkpoint import MANIFEST, STATE, CheckpointError, load_state, save_state  # noqa: E402
-from rsk_dist.config import ConfigError, load_config  # noqa: E402
-from rsk_dist.data.shards import BadSampleError, ShardReadError, ShardSource  # noqa: E402
-from rsk_dist.storage import (  # noqa: E402
+from rsk_dist.checkpoint import MANIFEST, STATE, CheckpointError, load_state, save_state
+from rsk_dist.config import ConfigError, load_config
+from rsk_dist.data.shards import BadSampleError, ShardReadError, ShardSource
+from rsk_dist.storage import (
     FORMAT,
     FORMAT_VERSION,
     INDEX,
@@ -48,7 +43,7 @@ from rsk_dist.storage import (  # noqa: E402
     preflight,
     sha256,
 )
-from tests.images import image_bytes  # noqa: E402
+from tests.images import image_bytes
 
 PROJECT_ERRORS = (StorageError, ShardReadError, BadSampleError, CheckpointError, ConfigError)
 SCALE = int(os.environ.get("RSK_FUZZ_SCALE", "1"))

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pyarrow")
-pytest.importorskip("PIL")
 from tests.images import OMNIGLOT_ZIP, image_bytes  # noqa: E402
 from rsk_dist.ingest import IngestError, ingest  # noqa: E402
 from rsk_dist.storage import INDEX, MARKER, PROGRESS, StorageError, open_dataset, preflight, version_dir  # noqa: E402
@@ -146,7 +144,7 @@ def test_cars196_csv_variant(tmp_path):
 
 
 def test_cars196_mat_variant(tmp_path):
-    scipy_io = pytest.importorskip("scipy.io")
+    import scipy.io as scipy_io
     root = tmp_path / "cars"
     dtype = [("relative_im_path", object), ("bbox_x1", object), ("class", object), ("test", object)]
     ann = np.zeros((1, 4), dtype=dtype)

@@ -342,7 +342,6 @@ def test_import_does_not_need_faiss():
 
 
 def test_faiss_path_matches_matmul():
-    pytest.importorskip("faiss")
     # Exact ties in float32 too; tie groups often run past faiss's extra candidates (redone by
     # matmul), and k = N - 1 leaves no candidate out at all.
     x = torch.randint(-2, 3, (300, 4)).float()

@@ -190,11 +190,99 @@ def test_missing_torchvision_gives_install_hint(monkeypatch):
         build_model("resnet50")
 
 
-# ---- torchvision backbones (skipped where torchvision is not installed) ----
+# ---- the paper's backbones (torchvision), at image sizes small enough for a CPU ----
+
+PAPER_BACKBONES = [("resnet50", 32), ("vit_b_16", 32), ("vit_b_32", 64)]
+
+
+def paper_model(name: str, size: int, dim: int = 32) -> EmbeddingModel:
+    model = build_model(name, dim=dim, dropout=0.1, image_size=size).train()
+    if name.startswith("vit"):
+        # dropout on everywhere a ViT has it (torchvision builds them with p = 0)
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.1
+            elif isinstance(m, nn.MultiheadAttention):
+                m.dropout = 0.1
+    return model
+
+
+@pytest.mark.parametrize("name,size", PAPER_BACKBONES)
+def test_two_pass_gradient_of_paper_backbones_equals_one_backward(name, size):
+    from rsk_dist.engine import LargeBatchStep
+    from rsk_dist.losses import RecallAtKSurrogate
+
+    torch.manual_seed(0)
+    model = paper_model(name, size)
+    images = torch.rand(6, 3, size, size)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss_fn = RecallAtKSurrogate(k=(1, 2), tau2=0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads():
+        out = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    # one backward through the chunked forward, graph kept
+    torch.manual_seed(7)
+    loss_fn(torch.cat([model(c) for c in images.split(4)]), labels).backward()
+    expected = grads()
+    torch.manual_seed(7)
+    LargeBatchStep(model, loss_fn, chunk_size=4).step(images, labels)
+    got = grads()
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * max(e.abs().max().item(), 1e-8))
+    # the dropout draw matters: another seed gives another gradient (so the RNG replay is tested)
+    torch.manual_seed(8)
+    loss_fn(torch.cat([model(c) for c in images.split(4)]), labels).backward()
+    assert not torch.allclose(grads()[-2], expected[-2], rtol=1e-3)
+    if name == "resnet50":
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert bns and not any(m.training for m in bns)
+        torch.testing.assert_close(bns[0].running_mean, torch.zeros_like(bns[0].running_mean))
+
+
+@pytest.mark.parametrize("name,size", PAPER_BACKBONES)
+def test_paper_backbones_load_pretrained_weights_from_a_local_file(name, size, tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    # torchvision's own model at its own (224) size, as its published weights are
+    reference = getattr(torchvision.models, name)(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "w.pth")
+    model = build_model(name, dim=16, pretrained=str(tmp_path / "w.pth"), image_size=size)
+    if name == "resnet50":
+        torch.testing.assert_close(model.backbone[0].weight, reference.conv1.weight)
+        torch.testing.assert_close(model.backbone[7][2].conv3.weight, reference.layer4[2].conv3.weight)
+    else:
+        vit = model.backbone.vit
+        torch.testing.assert_close(vit.conv_proj.weight, reference.conv_proj.weight)
+        torch.testing.assert_close(vit.encoder.layers[-1].mlp[0].weight, reference.encoder.layers[-1].mlp[0].weight)
+        # the position grid is resampled to the smaller image; the class token's position is kept
+        assert vit.encoder.pos_embedding.shape == (1, 1 + (size // vit.patch_size) ** 2, 768)
+        torch.testing.assert_close(vit.encoder.pos_embedding[:, 0], reference.encoder.pos_embedding[:, 0])
+    assert model.eval()(torch.rand(2, 3, size, size)).shape == (2, 16)
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises((ValueError, RuntimeError)):
+        build_model(name, pretrained=str(tmp_path / "bad.pth"), image_size=size)
+
+
+def test_pretrained_true_without_network_names_the_fix(tmp_path, monkeypatch):
+    # An empty hub cache, and every download sent to a closed local port: no network access.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(RuntimeError) as info:
+        build_model("resnet50", pretrained=True)
+    message = str(info.value)
+    assert "local state-dict file" in message and "model.pretrained" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-") in message
 
 
 def test_resnet50_shapes_and_frozen_bn():
-    pytest.importorskip("torchvision")
     model = build_model("resnet50", dim=64).train()
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(not m.training for m in bns)
@@ -206,21 +294,31 @@ def test_resnet50_shapes_and_frozen_bn():
     assert not hasattr(model.backbone, "fc")
 
 
-def test_resnet50_pretrained_from_local_file(tmp_path):
-    tv = pytest.importorskip("torchvision")
-    ref = tv.models.resnet50(weights=None)
-    torch.save(ref.state_dict(), tmp_path / "r50.pth")
-    model = build_model("resnet50", pretrained=str(tmp_path / "r50.pth"))
-    torch.testing.assert_close(model.backbone[0].weight, ref.conv1.weight)
-
-
 @pytest.mark.parametrize("name", ["vit_b_32", "vit_b_16"])
 @pytest.mark.parametrize("pooling", ["cls", "avg"])
 def test_vit_shapes(name, pooling):
-    pytest.importorskip("torchvision")
     model = build_model(name, dim=32, pooling=pooling).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 3, 224, 224))
     assert out.shape == (1, 32)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(1))
     assert model.feature_dim == 768
+
+
+def test_compile_option_compiles_the_backbone_in_place():
+    model = build_model("small_cnn", dim=16, in_channels=1, compile=True)
+    assert model.backbone._compiled_call_impl is not None and model._compiled_call_impl is None
+    # in place: the state dict keeps the eager model's keys, so checkpoints load either way
+    assert model.state_dict().keys() == build_model("small_cnn", dim=16, in_channels=1).state_dict().keys()
+
+
+def test_channels_last_computes_the_same_function():
+    torch.manual_seed(2)
+    model = build_model("resnet50", dim=16).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        model.use_channels_last()
+        assert model.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("pydantic")
-pytest.importorskip("tensorboardX")
 
 from rsk_dist.config import load_config  # noqa: E402
 from rsk_dist.monitor import RunMonitor, tag  # noqa: E402
@@ -69,7 +67,6 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_run_leaves_tensorboard_events_and_a_plot(tmp_path):
-    pytest.importorskip("matplotlib")
     trainer, reports = train(tiny_config(f"file://{tmp_path}/runs"))
     run = tmp_path / "runs" / "mon"
 
@@ -97,7 +94,6 @@ def test_run_leaves_tensorboard_events_and_a_plot(tmp_path):
 
 
 def test_monitoring_changes_nothing_in_training(tmp_path):
-    pytest.importorskip("matplotlib")
     monitored, _ = train(tiny_config(f"file://{tmp_path}/runs", eval_data=False))
     assert (tmp_path / "runs" / "mon" / "training.png").exists()
     config = tiny_config(f"file://{tmp_path}/other", eval_data=False)

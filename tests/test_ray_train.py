@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
+import ray
 
 from rsk_dist.checkpoint import load_state  # noqa: E402
 from rsk_dist.config import load_config  # noqa: E402

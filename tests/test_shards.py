@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("pyarrow")
-pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from tests.images import OMNIGLOT_ZIP, image_bytes  # noqa: E402

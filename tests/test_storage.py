@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fsspec")
-pytest.importorskip("pyarrow")
 
 from rsk_dist.storage import (  # noqa: E402
     INDEX,
