@@ -171,7 +171,7 @@ def read_everything(url: str, cache: Path) -> int:
     """What a training worker does with a dataset: preflight, open it with a local cache and
     read and decode every sample."""
     preflight(url, need_index=True)
-    src = ShardSource(url, None, image_size=8, train=True, in_channels=1, cache_dir=str(cache), prefetch_threads=2)
+    src = ShardSource(url, None, image_size=8, train=True, in_channels=1, cache_dir=str(cache), decoders=2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # undecodable images are skipped with a warning
