@@ -13,14 +13,19 @@ def naive_rsk(
     tau1: float = 1.0,
     tau2: float = 0.01,
     rank_includes_query: bool = False,
+    queries: list[int] | None = None,
 ) -> Tensor:
-    """Spec §1: mean over queries with a positive of 1 - mean_k R_k(q)."""
+    """Spec §1: mean over queries with a positive of 1 - mean_k R_k(q). With ``queries``, only
+    their terms are summed (still divided by the count of all queries with a positive)."""
     n = emb.shape[0]
     sim = emb @ emb.T
-    per_query = []
+    per_query, counted = [], 0
     for q in range(n):
         positives = [x for x in range(n) if x != q and labels[x] == labels[q]]
         if not positives:
+            continue
+        counted += 1
+        if queries is not None and q not in queries:
             continue
         ranks = []
         for x in positives:
@@ -32,7 +37,7 @@ def naive_rsk(
             soft = sum(torch.sigmoid((kv - r) / tau1) for r in ranks)
             recalls.append(torch.clamp(soft, max=kv) / min(kv, len(positives)))
         per_query.append(1 - sum(recalls) / len(k))
-    return sum(per_query) / len(per_query)
+    return sum(per_query) / counted
 
 
 def naive_simix(emb: Tensor, labels: list[int], generator: torch.Generator) -> tuple[Tensor, list[int]]:

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, recall_at_k_surrogate, simix
+from rsk_dist.sampler import shard_bounds
 from tests.reference import naive_rsk, naive_simix
 
 
@@ -113,6 +114,21 @@ def test_query_shards_sum_to_the_full_loss(simix_flag):
     (g_parts,) = torch.autograd.grad(sum(parts), emb)
     torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
     torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("simix_flag", [False, True])
+def test_query_shard_is_the_workers_own_rows(simix_flag):
+    # 20 samples over 3 workers: shards 7, 7, 6; with SiMix the virtual samples split likewise.
+    emb = batch(LABELS)
+    y = torch.tensor(LABELS)
+    gen = lambda: torch.Generator().manual_seed(1)
+    extended, ext_labels = naive_simix(emb, LABELS, gen()) if simix_flag else (emb, LABELS)
+    real = shard_bounds(len(LABELS), 3)
+    virtual = shard_bounds(len(ext_labels) - len(LABELS), 3) if simix_flag else [0] * 4
+    for i in range(3):
+        own = list(range(real[i], real[i + 1])) + [len(LABELS) + v for v in range(virtual[i], virtual[i + 1])]
+        ours = recall_at_k_surrogate(emb, y, simix=simix_flag, generator=gen(), query_shard=(i, 3))
+        torch.testing.assert_close(ours, naive_rsk(extended, ext_labels, queries=own), rtol=1e-9, atol=0)
 
 
 def test_bad_query_shard_is_an_error():

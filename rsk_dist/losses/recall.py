@@ -149,8 +149,9 @@ def recall_at_k_surrogate(
     """RS@k of a batch (spec §1), with SiMix virtual samples when ``simix`` (spec §2).
 
     ``embeddings`` (N x d) are L2-normalised by the caller; ``labels`` are N integers in any
-    order. ``query_shard=(i, n)`` keeps only the terms of the i-th of n contiguous parts of the
-    queries (of the extended batch with SiMix) while still dividing by the number of valid
+    order. ``query_shard=(i, n)`` keeps only the terms of the queries of the i-th of n shards
+    (contiguous, sized by rsk_dist.sampler.shard_bounds; with SiMix also the i-th of n
+    contiguous parts of the virtual samples) while still dividing by the number of valid
     queries in the whole batch: the n parts add up to the full loss, which is how workers
     share the loss (spec §4).
     """
@@ -175,7 +176,10 @@ def recall_at_k_surrogate(
         index, count = query_shard
         if not 0 <= index < count:
             raise ValueError(f"query_shard must be (index, count) with 0 <= index < count, got {query_shard}")
-        queries = all_queries.tensor_split(count)[index]
+        # tensor_split sizes its parts as rsk_dist.sampler.shard_bounds does: worker i's real
+        # queries are exactly its own shard's rows. The virtual samples are split the same way.
+        parts = (all_queries[: embeddings.shape[0]], all_queries[embeddings.shape[0] :])
+        queries = torch.cat([part.tensor_split(count)[index] for part in parts])
     classes = LabelGroups(labels)
     normalizer = int((classes.num_positives(all_queries) > 0).sum())
     if normalizer == 0:
