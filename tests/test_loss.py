@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,6 +92,46 @@ def test_simix_adds_one_virtual_sample_per_same_class_pair():
     # 4096 images in classes of 4 become 10240 samples (spec §2).
     y = torch.arange(1024).repeat_interleave(4)
     assert simix.mixing(y).labels.numel() == 10240
+
+
+def previous_mixing(labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The enumeration SiMix used before it grouped labels (an N x N mask), kept as the reference
+    for its documented order: (first, second, weight) of the virtual samples."""
+    same = labels[:, None] == labels[None, :]
+    i, j = torch.nonzero(torch.triu(same, diagonal=1), as_tuple=True)
+    order = torch.sort(labels[i], stable=True).indices
+    i, j = i[order], j[order]
+    return i, j, torch.rand(i.numel(), generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("labels", [LABELS, torch.randint(0, 40, (300,), generator=torch.Generator().manual_seed(2)).tolist()])
+def test_simix_pairs_and_weights_keep_the_previous_order(labels):
+    y = torch.tensor(labels)
+    m = simix.mixing(y, torch.Generator().manual_seed(4))
+    first, second, weight = previous_mixing(y, torch.Generator().manual_seed(4))
+    n = y.numel()
+    assert len(set(torch.bincount(y).tolist()) - {0}) > 2, "classes of unequal size"
+    assert torch.equal(m.first[n:], first) and torch.equal(m.second[n:], second)
+    assert torch.equal(m.weight[n:], weight)
+    assert torch.equal(m.labels[n:], y[first])
+
+
+def test_simix_mixing_memory_stays_small_at_n_65536():
+    # In a fresh process, so that the peak is this draw's own. 16384 classes of 4 plus unequal ones.
+    code = (
+        "import resource, torch\n"
+        "from rsk_dist.losses import simix\n"
+        "y = torch.arange(65536) // 4\n"
+        "y[:4096] = torch.arange(4096) // 11\n"
+        "simix.mixing(y[:8], torch.Generator().manual_seed(0))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "m = simix.mixing(y[torch.randperm(65536)], torch.Generator().manual_seed(0))\n"
+        "print(m.labels.numel(), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    n_ext, growth_mb = map(int, out.stdout.split())
+    assert n_ext > 65536 + 6 * 15000
+    assert growth_mb < 300, f"drawing the SiMix mixing grew peak RSS by {growth_mb} MB"
 
 
 def test_simix_weights_follow_the_generator():
