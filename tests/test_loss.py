@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rsk_dist.losses import recall
 from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, recall_at_k_surrogate, simix
 from rsk_dist.sampler import shard_bounds
 from tests.reference import naive_rsk, naive_simix
@@ -56,6 +57,33 @@ def test_matches_naive_reference_float32(rank_includes_query):
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(our_grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("simix_flag", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_many_similarity_blocks_match_naive_reference(simix_flag, chunk_size, monkeypatch):
+    # Blocks of 3 queries (the default holds all of this batch in one), sub-chunks inside them.
+    monkeypatch.setattr(recall, "MIN_BLOCK_QUERIES", 3)
+    monkeypatch.setattr(recall, "BLOCK_ELEMENTS", 1)
+    emb = batch(LABELS, spread=0.5)
+    gen = lambda: torch.Generator().manual_seed(5)
+    ref, ref_grad = grads(lambda e: naive_rsk(*(naive_simix(e, LABELS, gen()) if simix_flag else (e, LABELS))), emb)
+    loss = RecallAtKSurrogate(simix=simix_flag, chunk_size=chunk_size)
+    ours, our_grad = grads(lambda e: loss(e, torch.tensor(LABELS), generator=gen()), emb)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(our_grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_computed_in_float32(dtype):
+    # The reference sees the same rounded inputs: what remains is the loss's own arithmetic,
+    # which in half precision put the gradient several percent off.
+    emb = batch(LABELS).to(dtype)
+    ref, ref_grad = grads(lambda e: naive_rsk(e, LABELS), emb.double())
+    ours, our_grad = grads(lambda e: RecallAtKSurrogate()(e, torch.tensor(LABELS)), emb)
+    assert ours.dtype == torch.float32 and our_grad.dtype == dtype
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(our_grad.double(), ref_grad, rtol=0, atol=1e-2 * ref_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("rank_includes_query", [False, True])
