@@ -105,8 +105,8 @@ class GlobalBatchLoss(nn.Module):
 
     Every worker passes its shard of the global batch, sized by
     :func:`rsk_dist.sampler.shard_bounds` (unequal when W does not divide B), and a generator in
-    the same state (SiMix draws its weights from it, and all workers must draw the same ones). With one process, or
-    without an initialised process group, it is the wrapped loss itself.
+    the same state (SiMix draws its weights from it, and all workers must draw the same ones).
+    With one process, or without an initialised process group, it is the wrapped loss itself.
     ``sharded`` needs a loss that accepts ``query_shard`` (RS@k does).
     """
 
