@@ -74,8 +74,8 @@ def run_case(impl: str, n: int, use_simix: bool, device: str, repeats: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[400, 1000, 2000, 4096, 8192, 16384])
-    parser.add_argument("--simix-sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[400, 1000, 2000, 4096, 8192, 16384])
+    parser.add_argument("--simix-sizes", type=int, nargs="*", default=[4096, 8192, 16384])
     parser.add_argument("--naive-max", type=int, default=4096, help="largest N (with SiMix: samples) to run the naive form at")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (fastest counts); 1 also skips the warm-up")
     parser.add_argument("--case", nargs=5, metavar=("IMPL", "N", "SIMIX", "DEVICE", "REPEATS"), help=argparse.SUPPRESS)
