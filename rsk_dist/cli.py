@@ -192,10 +192,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = _load(args.config, args.set)
     sys.stdout.write(dump_config(config))
-    s = config.scaling
+    low, high = config.scaling.worker_range
+    batch = config.sampler.batch_size
+    workers = str(low) if low == high else f"{low} to {high}"
     print(
-        f"ok: {args.config} is a valid job config ({s.num_workers} worker(s), global batch "
-        f"{config.sampler.batch_size}, {config.sampler.batch_size // s.num_workers} per worker)",
+        f"ok: {args.config} is a valid job config ({workers} worker(s), global batch {batch}, "
+        f"{batch // high} to {-(-batch // low)} per worker)",
         file=sys.stderr,
     )
     return 0

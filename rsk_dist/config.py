@@ -116,16 +116,37 @@ class TrainConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(1, ge=1)
+    # An int, or [min, max]: elastic, Ray Train runs on as many workers in that range as it can
+    # get and restarts from the latest checkpoint on the workers that remain when one is lost.
+    # The global batch does not depend on the worker count, so neither does the training.
+    num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed count."""
+        w = self.num_workers
+        return (w, w) if isinstance(w, int) else w
+
+    @model_validator(mode="after")
+    def _check(self) -> ScalingConfig:
+        low, high = self.worker_range
+        if not 1 <= low <= high:
+            raise ValueError(f"scaling.num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {self.num_workers}")
+        return self
 
 
 class RunConfig(Section):
     name: str = Field("rsk-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage_path: str = "file://./runs"  # any fsspec URL: s3://bucket/prefix, gs://..., file://...
     checkpoint_every: int = Field(1, ge=1)  # epochs
+    # Also within an epoch, every this many steps (None: at epoch ends only). A resume repeats
+    # at most this many steps.
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    # async: a copy of the state is taken in the step and written and uploaded in the background
+    checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
     resume_from: str | None = None  # a checkpoint URL to start from
@@ -143,12 +164,6 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
-        workers = self.scaling.num_workers
-        if self.sampler.batch_size % workers:
-            raise ValueError(
-                f"sampler.batch_size {self.sampler.batch_size} does not split into "
-                f"{workers} equal worker shards: make it a multiple of scaling.num_workers"
-            )
         if self.train.autocast != "none" and not self.scaling.use_gpu:
             raise ValueError("train.autocast is for GPUs: set scaling.use_gpu: true or autocast: none")
         return self
