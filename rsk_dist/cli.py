@@ -3,7 +3,7 @@
 ::
 
     rsk-dist validate CONFIG [--set a.b=c ...]
-    rsk-dist train    CONFIG [--set a.b=c ...] [--address ADDR] [--resume-from URL]
+    rsk-dist train    CONFIG [--set a.b=c ...] [--address ADDR] [--resume-from URL] [--allow-config-change]
     rsk-dist submit   CONFIG [--set a.b=c ...] --address http://HEAD:8265 [--no-wait]
     rsk-dist status   JOB_ID --address http://HEAD:8265
     rsk-dist logs     JOB_ID --address http://HEAD:8265 [--follow]
@@ -208,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rsk_dist.train import fit
 
     started = time.perf_counter()
-    metrics = fit(config, address=args.address, resume_from=args.resume_from)
+    metrics = fit(config, address=args.address, resume_from=args.resume_from, allow_config_change=args.allow_config_change)
     _print_metrics(dict(metrics or {}), f"finished {config.run.name} in {time.perf_counter() - started:.0f}s:")
     return 0
 
@@ -467,7 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a training job (a local Ray instance without --address)")
     with_config(p)
     p.add_argument("--address", default=None, help="Ray cluster address (ray://..., HOST:6379 or 'auto')")
-    p.add_argument("--resume-from", default=None, metavar="URL", help="checkpoint URL to start from")
+    p.add_argument("--resume-from", default=None, metavar="URL",
+                   help="checkpoint URL to start a new run from (a run with checkpoints resumes from its own)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though model, loss, data, sampler or optim fields differ from the checkpoint's")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="submit a training job to a Ray cluster's job server")

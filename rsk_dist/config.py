@@ -169,6 +169,30 @@ class JobConfig(Section):
         return self
 
 
+# What a resumed run may not change without --allow-config-change: the fields that change the
+# training's maths. Epochs, evaluation, logging, scaling, checkpointing and the data's
+# performance settings apply on resume.
+MATHS_SECTIONS = ("model", "loss", "data", "sampler", "optim")
+MATHS_FIELDS = ("train.steps_per_epoch", "train.autocast")
+NOT_MATHS = ("data.eval", "data.prefetch_steps", "data.cache_dir")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def maths_changes(old: JobConfig, new: JobConfig) -> list[str]:
+    """Dotted names of the fields that change the training and differ between two configs."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+
+    def maths(name: str) -> bool:
+        return (name.split(".")[0] in MATHS_SECTIONS or name in MATHS_FIELDS) and not name.startswith(NOT_MATHS)
+
+    return sorted(n for n in a.keys() | b.keys() if maths(n) and a.get(n) != b.get(n))
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the field and the problem."""
 
