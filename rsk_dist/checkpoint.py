@@ -54,6 +54,15 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> None:
         (directory / name).write_bytes(data)
 
 
+def write_checkpoint(fs: Any, path: str, state: dict[str, Any]) -> None:
+    """Writes ``state`` as a checkpoint directory at ``path`` of a ``pyarrow.fs.FileSystem``
+    (Ray Train's storage): the state file first, its manifest last."""
+    fs.create_dir(path)
+    for name, data in checkpoint_files(state):
+        with fs.open_output_stream(f"{path}/{name}") as out:
+            out.write(data)
+
+
 def publish_state(url: str, state: dict[str, Any]) -> None:
     """Writes ``state`` as a checkpoint directory at ``url`` (any fsspec URL), replacing one
     that is there: the old manifest goes first and the new one comes last, so a reader sees

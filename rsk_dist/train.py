@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from rsk_dist.checkpoint import (
-    CheckpointError, checkpoint_files, checkpoint_name, cpu_copy, latest_checkpoint, load_model, load_state, publish_state,
+    CheckpointError, checkpoint_name, cpu_copy, latest_checkpoint, load_model, load_state, publish_state, write_checkpoint,
 )
 from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, local_absolute
 from rsk_dist.data.sources import MemorySource, Source, digits_split, zip_source
@@ -167,8 +168,9 @@ class Trainer:
         self.scheduler.step()
         self.epoch += 1
         last = self.epoch == c.train.epochs
+        # workers: how many ran the epoch's last step (elastic runs change it)
         summary: dict[str, Any] = {"epoch": self.epoch, "step": self.epoch * self.steps_per_epoch,
-                                   "loss": sum(self.losses) / len(self.losses)}
+                                   "loss": sum(self.losses) / len(self.losses), "workers": rank_and_world()[1]}
         self.step_in_epoch, self.losses = 0, []
         if self.eval_data is not None and (self.epoch % c.train.eval_every == 0 or last):
             summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size))
@@ -205,13 +207,17 @@ class Trainer:
 class RayCheckpointReport:
     """``report`` for :meth:`Trainer.run` under Ray Train. Rank 0's state is copied to the CPU
     in the step; writing it (state file, then manifest) into the run directory happens in Ray's
-    upload thread when ``run.checkpoint_upload`` is async, so training does not wait for storage."""
+    upload thread when ``run.checkpoint_upload`` is async, so training does not wait for storage.
+    At most one copy is in flight: a store slower than the checkpoints slows training down
+    instead of filling memory with copies."""
 
     def __init__(self, mode: str, steps_per_epoch: int) -> None:
         from ray.train import CheckpointUploadMode
 
         self.mode = CheckpointUploadMode.ASYNC if mode == "async" else CheckpointUploadMode.SYNC
         self.steps_per_epoch = steps_per_epoch
+        self.written = threading.Event()
+        self.written.set()
 
     def __call__(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         import ray.train
@@ -220,26 +226,27 @@ class RayCheckpointReport:
         if state is None:
             ray.train.report(metrics, checkpoint_dir_name=name)
             return
+        self.written.wait()
+        self.written.clear()
         snapshot = cpu_copy(state)
         # Ray wants a local directory to hand to the upload; ours stays empty (deleted after).
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="rsk-ckpt-")),
             checkpoint_dir_name=name, checkpoint_upload_mode=self.mode,
             delete_local_checkpoint_after_upload=True,
-            checkpoint_upload_fn=lambda _, dir_name: self._write(snapshot, dir_name),
+            checkpoint_upload_fn=lambda _, dir_name: self.write(snapshot, dir_name),
         )
 
-    @staticmethod
-    def _write(state: dict[str, Any], dir_name: str) -> "ray.train.Checkpoint":
+    def write(self, state: dict[str, Any], dir_name: str) -> "ray.train.Checkpoint":
         import ray.train
 
-        storage = ray.train.get_context().get_storage()
-        fs, path = storage.storage_filesystem, storage.build_checkpoint_path_from_name(dir_name)
-        fs.create_dir(path)
-        for file, data in checkpoint_files(state):
-            with fs.open_output_stream(f"{path}/{file}") as out:
-                out.write(data)
-        return ray.train.Checkpoint(path, filesystem=fs)
+        try:
+            storage = ray.train.get_context().get_storage()
+            path = storage.build_checkpoint_path_from_name(dir_name)
+            write_checkpoint(storage.storage_filesystem, path, state)
+            return ray.train.Checkpoint(path, filesystem=storage.storage_filesystem)
+        finally:
+            self.written.set()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
