@@ -3,13 +3,15 @@ bytes, ``replicated`` (every worker computes the whole loss) beside ``sharded`` 
 the terms of 1/W of the queries, then the embedding gradients are summed).
 
 W gloo processes (torch.multiprocessing, tcp://127.0.0.1) each build the same N x d random unit
-embeddings from one seed, 4 per class, and keep their N/W rows. Each step is
+embeddings from one seed, 4 per class, and keep their shard's rows (``shard_bounds(N, W)``: unequal
+when W does not divide N). Each step is
 ``GlobalBatchLoss(RecallAtKSurrogate(simix=True), mode)(shard, labels, generator).backward()``,
 after a barrier so that all workers start together; it reads the wrapper's ``stats``:
 ``loss_s`` (the global loss and its gradient with respect to the gathered embeddings),
-``comm_s`` (all-gather, and in sharded mode the gradient all-reduce; it includes waiting at
-those collectives for the slowest worker) and ``bytes_received`` (per worker; gloo has no
-reduce-scatter, so sharded mode all-reduces the whole N x d gradient). Labels (N int64) and the
+``comm_s`` (all-gather, and in sharded mode the gradient reduce-scatter; it includes waiting at
+those collectives for the slowest worker) and ``bytes_received`` (per worker: the other W - 1
+shards, padded to the largest, once for the all-gather and in sharded mode once more for the
+reduce-scatter, which gloo has as well as NCCL). Labels (N int64) and the
 parameter-gradient sum (model-dependent) are not in the bytes. Figures are the max over
 workers of a step, the median over ``--repeats`` steps after one warm-up. At W = 1 there is no
 exchange: both modes are the plain loss, timed around the call and its backward.
@@ -18,7 +20,7 @@ Each worker runs ``cores // W`` threads, so the W workers share the machine's co
 oversubscribing them; at a given W both modes get the same threads, so the loss-time ratio
 replicated / sharded at that W is the figure to read (across W, threads per worker differ).
 
-    python bench/dist.py [--n 4096] [--dim 512] [--workers 1 2 4] [--repeats 3] [--cores C]
+    python bench/dist.py [--n 4096] [--dim 512] [--workers 1 2 3 4] [--repeats 3] [--cores C]
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.measure import machine, table  # noqa: E402
 from rsk_dist.distributed import GlobalBatchLoss  # noqa: E402
 from rsk_dist.losses import RecallAtKSurrogate  # noqa: E402
+from rsk_dist.sampler import shard_bounds  # noqa: E402
 
 PER_CLASS = 4
 MODES = ("replicated", "sharded")
@@ -74,7 +77,8 @@ def worker(rank: int, world: int, port: int, n: int, dim: int, repeats: int, thr
         g = torch.Generator().manual_seed(0)
         emb = F.normalize(torch.randn(n, dim, generator=g), dim=1)
         labels = torch.arange(n // PER_CLASS).repeat_interleave(PER_CLASS)
-        rows = slice(rank * n // world, (rank + 1) * n // world)
+        bounds = shard_bounds(n, world)
+        rows = slice(bounds[rank], bounds[rank + 1])
         shard, shard_labels = emb[rows].clone().requires_grad_(), labels[rows].clone()
         results = {}
         for mode in MODES if world > 1 else MODES[:1]:
@@ -102,16 +106,15 @@ def run_world(world: int, n: int, dim: int, repeats: int, threads: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=4096, help="global batch size (a multiple of 4 x each W)")
+    parser.add_argument("--n", type=int, default=4096, help="global batch size (a multiple of 4)")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="values of W to run")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3, 4], help="values of W to run")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode, after one warm-up")
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
                         help="cores to share among the W workers (default: this process's CPUs)")
     args = parser.parse_args()
-    for w in args.workers:
-        if args.n % (PER_CLASS * w):
-            parser.error(f"--n {args.n} must be a multiple of {PER_CLASS} x W = {PER_CLASS * w}")
+    if args.n % PER_CLASS:
+        parser.error(f"--n {args.n} must be a multiple of {PER_CLASS}")
 
     rows = []
     for w in args.workers:

@@ -4,7 +4,11 @@ The naive form is how the authors' public code computes the loss: one query at a
 positives x N rank tensor built from repeated similarity rows and an explicit mask, a clamped
 sigmoid, and autograd keeping every intermediate of every query until backward.
 
-    python bench/loss.py [--device cpu|cuda] [--sizes 400 1000 2000 4000] [--naive-max 4000]
+    python bench/loss.py [--device cpu|cuda] [--sizes 400 1000 2000 4096 8192 16384]
+                         [--simix-sizes 4096 8192 16384] [--naive-max 4096] [--repeats 2]
+
+It also prints how the time of ours grows from the smallest to the largest N >= 4096, as the
+exponent e of N^e, with and without SiMix: at most 2 means no worse than N^2 at fixed P.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.measure import in_subprocess, machine, measure, table  # noqa: E402
+import math  # noqa: E402
+
 from rsk_dist.losses import DEFAULT_K, RecallAtKSurrogate, simix  # noqa: E402
 
 DIM, PER_CLASS = 512, 4
@@ -47,7 +53,7 @@ def naive_loss(emb: torch.Tensor, labels: torch.Tensor, tau1: float = 1.0, tau2:
     return torch.stack(per_query).mean()
 
 
-def run_case(impl: str, n: int, use_simix: bool, device: str) -> dict:
+def run_case(impl: str, n: int, use_simix: bool, device: str, repeats: int) -> dict:
     torch.manual_seed(0)
     labels = torch.arange(n // PER_CLASS, device=device).repeat_interleave(PER_CLASS)
     emb = F.normalize(torch.randn(n, DIM, device=device), dim=1).requires_grad_()
@@ -62,30 +68,33 @@ def run_case(impl: str, n: int, use_simix: bool, device: str) -> dict:
             loss = naive_loss(*simix.mix(emb, labels, g)) if use_simix else naive_loss(emb, labels)
         loss.backward()
 
-    return measure(run, device, repeats=1 if impl == "naive" else 2, warmup=impl == "ours")
+    return measure(run, device, repeats=1 if impl == "naive" else repeats, warmup=impl == "ours" and repeats > 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[400, 1000, 2000, 4000])
-    parser.add_argument("--simix-size", type=int, default=4096)
-    parser.add_argument("--naive-max", type=int, default=4000, help="largest N to run the naive form at")
-    parser.add_argument("--case", nargs=4, metavar=("IMPL", "N", "SIMIX", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[400, 1000, 2000, 4096, 8192, 16384])
+    parser.add_argument("--simix-sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--naive-max", type=int, default=4096, help="largest N (with SiMix: samples) to run the naive form at")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (fastest counts); 1 also skips the warm-up")
+    parser.add_argument("--case", nargs=5, metavar=("IMPL", "N", "SIMIX", "DEVICE", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        impl, n, use_simix, device = args.case
-        print(json.dumps(run_case(impl, int(n), use_simix == "1", device)))
+        impl, n, use_simix, device, repeats = args.case
+        print(json.dumps(run_case(impl, int(n), use_simix == "1", device, int(repeats))))
         return
 
-    cases = [(n, False) for n in args.sizes] + [(args.simix_size, True)]
-    rows = []
+    cases = [(n, False) for n in args.sizes] + [(n, True) for n in args.simix_sizes]
+    rows, seconds = [], {}
     for n, use_simix in cases:
         n_ext = simix.mixing(torch.arange(n // PER_CLASS).repeat_interleave(PER_CLASS)).labels.numel() if use_simix else n
         flag = "1" if use_simix else "0"
-        ours = in_subprocess(__file__, ["ours", str(n), flag, args.device])
+        ours = in_subprocess(__file__, ["ours", str(n), flag, args.device, str(args.repeats)])
+        if "error" not in ours:
+            seconds[n, use_simix] = ours["seconds"]
         naive = (
-            in_subprocess(__file__, ["naive", str(n), flag, args.device])
+            in_subprocess(__file__, ["naive", str(n), flag, args.device, "1"])
             if n_ext <= args.naive_max
             else {"error": "not run (too large)"}
         )
@@ -102,6 +111,12 @@ def main() -> None:
     print(table(
         ["N", "ours s", "ours MB", "naive s", "naive MB", "speed-up", "memory ratio"], rows
     ))
+    for use_simix in (False, True):
+        grown = sorted(n for n, flag in seconds if flag == use_simix and n >= 4096)
+        if len(grown) >= 2:
+            lo, hi = grown[0], grown[-1]
+            exponent = math.log(seconds[hi, use_simix] / seconds[lo, use_simix]) / math.log(hi / lo)
+            print(f"\ntime of ours{' with SiMix' if use_simix else ''} from N = {lo} to {hi} grows as N^{exponent:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rsk_dist.sampler import shard_bounds
+
 Mode = Literal["replicated", "sharded"]
 
 # torch 2.13 renamed the tensor collectives; keep working on the older releases we support.
@@ -36,18 +38,52 @@ def all_gather_rows(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor
     return out
 
 
-def _sum_own_rows(grad: Tensor, rank: int, world: int, group: dist.ProcessGroup | None) -> tuple[Tensor, float]:
-    """Sum of every worker's ``grad`` (global rows), keeping this worker's rows; and the bytes
-    this worker receives for it (ring algorithms: a reduce-scatter receives (W-1)/W of the
-    tensor, an all-reduce twice that)."""
-    rows = grad.shape[0] // world
-    share = grad.numel() * grad.element_size() * (world - 1) / world
-    if dist.get_backend(group) == dist.Backend.NCCL:
-        out = grad.new_empty((rows, *grad.shape[1:]))
-        _reduce_scatter(out, grad.contiguous(), group=group)
-        return out, share
-    dist.all_reduce(grad, group=group)  # gloo has no reduce-scatter
-    return grad[rank * rows : (rank + 1) * rows], 2 * share
+class ShardLayout:
+    """Where each worker's shard sits in the global batch, and how the collectives, which need
+    equal shapes, carry shards of unequal size: each is padded to the largest, sent, and the
+    padding dropped. Every worker's size must follow :func:`rsk_dist.sampler.shard_bounds`, so that
+    the sharded loss's query split (by the same bounds) gives a worker exactly its own rows."""
+
+    def __init__(self, rows: int, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+        self.rank, self.world = rank_and_world(group)
+        self.group = group
+        sizes = all_gather_rows(torch.tensor([rows], device=device), group).tolist()
+        self.bounds = shard_bounds(sum(sizes), self.world)
+        expected = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+        if sizes != expected:
+            raise ValueError(
+                f"workers passed shards of sizes {sizes}, but a global batch of {sum(sizes)} over "
+                f"{self.world} workers splits as {expected}: take each worker's shard with "
+                "rsk_dist.sampler.shard_bounds (ClassBalancedSampler.shard does)"
+            )
+        self.padded_rows = expected[0]  # the first shards are the larger ones
+        # Row r of the global batch sits at padded_index[r] of the W x padded_rows layout.
+        owner = torch.repeat_interleave(torch.arange(self.world), torch.tensor(expected))
+        starts = torch.tensor(self.bounds[:-1])
+        self.padded_index = (owner * self.padded_rows + torch.arange(sum(sizes)) - starts[owner]).to(device)
+
+    @property
+    def own_rows(self) -> slice:
+        return slice(self.bounds[self.rank], self.bounds[self.rank + 1])
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Every worker's ``x`` (its shard's rows), concatenated in rank order."""
+        padded = x.new_zeros((self.padded_rows, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        return all_gather_rows(padded, self.group).index_select(0, self.padded_index)
+
+    def sum_own_rows(self, grad: Tensor) -> Tensor:
+        """The sum over workers of ``grad`` (global rows), this worker's rows of it."""
+        padded = grad.new_zeros((self.world * self.padded_rows, *grad.shape[1:]))
+        padded.index_copy_(0, self.padded_index, grad)
+        out = grad.new_empty((self.padded_rows, *grad.shape[1:]))
+        _reduce_scatter(out, padded, group=self.group)
+        return out[: self.own_rows.stop - self.own_rows.start]
+
+    def bytes_received(self, row_bytes: int) -> float:
+        """Bytes a worker receives in one gather (or, ring algorithms, one reduce-scatter) of
+        rows of ``row_bytes``: the other workers' padded shards."""
+        return (self.world - 1) * self.padded_rows * row_bytes
 
 
 class _WithGradient(torch.autograd.Function):
@@ -67,9 +103,10 @@ class _WithGradient(torch.autograd.Function):
 class GlobalBatchLoss(nn.Module):
     """Makes ``loss(embeddings, labels, generator)`` on a worker's shard the global-batch loss.
 
-    Every worker must pass shards of equal size and a generator in the same state (SiMix draws
-    its weights from it, and all workers must draw the same ones). With one process, or
-    without an initialised process group, it is the wrapped loss itself.
+    Every worker passes its shard of the global batch, sized by
+    :func:`rsk_dist.sampler.shard_bounds` (unequal when W does not divide B), and a generator in
+    the same state (SiMix draws its weights from it, and all workers must draw the same ones).
+    With one process, or without an initialised process group, it is the wrapped loss itself.
     ``sharded`` needs a loss that accepts ``query_shard`` (RS@k does).
     """
 
@@ -88,9 +125,16 @@ class GlobalBatchLoss(nn.Module):
         rank, world = rank_and_world(self.group)
         if world == 1:
             return self.loss(embeddings, labels, generator=generator)
+        if generator is None and getattr(self.loss, "simix", False):
+            raise ValueError(
+                "SiMix across workers needs a generator: without one each worker draws its own "
+                "mixing weights. Pass loss(embeddings, labels, generator) with a generator in the "
+                "same state on every worker, e.g. ClassBalancedSampler.mixing_generator(epoch, step)"
+            )
         t0 = time.perf_counter()
-        global_emb = all_gather_rows(embeddings.detach(), self.group).requires_grad_()
-        global_labels = all_gather_rows(labels.to(embeddings.device), self.group)
+        layout = ShardLayout(embeddings.shape[0], embeddings.device, self.group)
+        global_emb = layout.gather(embeddings.detach()).requires_grad_()
+        global_labels = layout.gather(labels.to(embeddings.device))
         t1 = time.perf_counter()
         shard = {} if self.mode == "replicated" else {"query_shard": (rank, world)}
         with torch.enable_grad():
@@ -98,16 +142,14 @@ class GlobalBatchLoss(nn.Module):
             (grad,) = torch.autograd.grad(value, global_emb)
         t2 = time.perf_counter()
         value = value.detach()
-        # Bytes this worker receives: the others' embeddings, and in sharded mode its share of
-        # the gradient sum.
-        received = global_emb.numel() * global_emb.element_size() * (world - 1) / world
+        row_bytes = global_emb[0].numel() * global_emb.element_size()
+        received = layout.bytes_received(row_bytes)  # the others' embeddings
         if self.mode == "sharded":
-            own, summed = _sum_own_rows(grad, rank, world, self.group)
+            own = layout.sum_own_rows(grad)
             dist.all_reduce(value, group=self.group)
-            received += summed
+            received += layout.bytes_received(row_bytes)
         else:
-            rows = embeddings.shape[0]
-            own = grad[rank * rows : (rank + 1) * rows]
+            own = grad[layout.own_rows]
         t3 = time.perf_counter()
         self.stats = {"comm_s": (t1 - t0) + (t3 - t2), "loss_s": t2 - t1, "bytes_received": received}
         return _WithGradient.apply(embeddings, value, own.contiguous())

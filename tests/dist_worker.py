@@ -70,6 +70,25 @@ def run_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def run_refusal_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Writes the errors GlobalBatchLoss gives for SiMix without a generator and for shards
+    that do not follow shard_bounds."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    errors = []
+    try:
+        loss = GlobalBatchLoss(RecallAtKSurrogate(simix=True))
+        emb = F.normalize(torch.randn(2 + 2 * rank, 4), dim=1)
+        labels = torch.arange(emb.shape[0]) // 2
+        for generator in (None, torch.Generator().manual_seed(0)):
+            try:
+                loss(emb, labels, generator)
+            except ValueError as e:
+                errors.append(str(e))
+        torch.save(errors, Path(out_dir) / f"refusal{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def eval_model() -> tuple[nn.Module, MemorySource]:
     from rsk_dist.data.sources import digits_split
     from rsk_dist.models import build_model

@@ -13,14 +13,19 @@ def naive_rsk(
     tau1: float = 1.0,
     tau2: float = 0.01,
     rank_includes_query: bool = False,
+    queries: list[int] | None = None,
 ) -> Tensor:
-    """Spec §1: mean over queries with a positive of 1 - mean_k R_k(q)."""
+    """Spec §1: mean over queries with a positive of 1 - mean_k R_k(q). With ``queries``, only
+    their terms are summed (still divided by the count of all queries with a positive)."""
     n = emb.shape[0]
     sim = emb @ emb.T
-    per_query = []
+    per_query, counted = [], 0
     for q in range(n):
         positives = [x for x in range(n) if x != q and labels[x] == labels[q]]
         if not positives:
+            continue
+        counted += 1
+        if queries is not None and q not in queries:
             continue
         ranks = []
         for x in positives:
@@ -32,7 +37,7 @@ def naive_rsk(
             soft = sum(torch.sigmoid((kv - r) / tau1) for r in ranks)
             recalls.append(torch.clamp(soft, max=kv) / min(kv, len(positives)))
         per_query.append(1 - sum(recalls) / len(k))
-    return sum(per_query) / len(per_query)
+    return sum(per_query) / counted
 
 
 def naive_simix(emb: Tensor, labels: list[int], generator: torch.Generator) -> tuple[Tensor, list[int]]:
@@ -46,3 +51,43 @@ def naive_simix(emb: Tensor, labels: list[int], generator: torch.Generator) -> t
     virtual = [w * emb[i] + (1 - w) * emb[j] for (i, j, _), w in zip(pairs, weights)]
     extended = torch.cat([emb, torch.stack(virtual)]) if virtual else emb
     return extended, labels + [c for _, _, c in pairs]
+
+
+def naive_contrastive(emb: Tensor, labels: list[int], pos_margin: float = 0.0, neg_margin: float = 1.0) -> Tensor:
+    """Contrastive loss as pytorch-metric-learning defines it: over ordered pairs i != j of
+    L2-normalised embeddings at Euclidean distance d, positives cost max(0, d - pos_margin) and
+    negatives max(0, neg_margin - d); each kind is averaged over its non-zero terms, then summed."""
+    emb = emb / emb.norm(dim=1, keepdim=True)
+    pos, neg = [], []
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if i == j:
+                continue
+            d = (emb[i] - emb[j]).norm()
+            if labels[i] == labels[j]:
+                pos.append(torch.clamp(d - pos_margin, min=0))
+            else:
+                neg.append(torch.clamp(neg_margin - d, min=0))
+    return sum(_mean_non_zero(terms) for terms in (pos, neg))
+
+
+def _mean_non_zero(terms: list[Tensor]) -> Tensor:
+    non_zero = [t for t in terms if t > 0]
+    return sum(non_zero) / len(non_zero) if non_zero else torch.zeros((), dtype=torch.float64)
+
+
+def naive_multi_similarity(
+    emb: Tensor, labels: list[int], alpha: float = 2.0, beta: float = 50.0, base: float = 0.5
+) -> Tensor:
+    """Multi-similarity loss (Wang et al. 2019) on cosine similarities, mean over every anchor:
+    log(1 + sum_p exp(-alpha (s_ip - base))) / alpha + log(1 + sum_n exp(beta (s_in - base))) / beta."""
+    emb = emb / emb.norm(dim=1, keepdim=True)
+    per_anchor = []
+    for i in range(len(labels)):
+        pos = [emb[i] @ emb[p] for p in range(len(labels)) if p != i and labels[p] == labels[i]]
+        neg = [emb[i] @ emb[n] for n in range(len(labels)) if labels[n] != labels[i]]
+        zero = torch.zeros((), dtype=torch.float64)
+        pos_term = torch.log(1 + sum((torch.exp(-alpha * (s - base)) for s in pos), zero)) / alpha
+        neg_term = torch.log(1 + sum((torch.exp(beta * (s - base)) for s in neg), zero)) / beta
+        per_anchor.append(pos_term + neg_term)
+    return sum(per_anchor) / len(per_anchor)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.dist_worker import CONFIGS, free_port, run_worker, train
+from tests.dist_worker import CONFIGS, free_port, run_refusal_worker, run_worker, train
 
 
 @pytest.fixture(scope="module")
@@ -10,7 +10,7 @@ def single_process():
     return {config: train(*config) for config in CONFIGS}
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])  # W=3: shards 11, 11, 10 of 32
 def test_workers_match_one_process_on_the_global_batch(world, single_process, tmp_path):
     mp.spawn(run_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     for mode, simix in CONFIGS:
@@ -22,6 +22,14 @@ def test_workers_match_one_process_on_the_global_batch(world, single_process, tm
             for e, g in zip(expected, got):
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(),
                                            msg=lambda m: f"W={world} {mode} simix={simix} rank {rank}: {m}")
+
+
+def test_global_batch_loss_refuses_simix_without_generator_and_unequal_split(tmp_path):
+    mp.spawn(run_refusal_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        no_generator, bad_split = torch.load(tmp_path / f"refusal{rank}.pt", weights_only=True)
+        assert "needs a generator" in no_generator and "mixing_generator" in no_generator
+        assert "sizes [2, 4]" in bad_split and "[3, 3]" in bad_split and "shard_bounds" in bad_split
 
 
 @pytest.mark.parametrize("world", [2, 3])

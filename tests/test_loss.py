@@ -1,9 +1,14 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from rsk_dist.losses import recall
 from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, recall_at_k_surrogate, simix
-from tests.reference import naive_rsk, naive_simix
+from rsk_dist.sampler import shard_bounds
+from tests.reference import naive_contrastive, naive_multi_similarity, naive_rsk, naive_simix
 
 
 def batch(labels: list[int], dim: int = 16, seed: int = 0, spread: float = 0.4):
@@ -54,6 +59,33 @@ def test_matches_naive_reference_float32(rank_includes_query):
     torch.testing.assert_close(our_grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("simix_flag", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_many_similarity_blocks_match_naive_reference(simix_flag, chunk_size, monkeypatch):
+    # Blocks of 3 queries (the default holds all of this batch in one), sub-chunks inside them.
+    monkeypatch.setattr(recall, "MIN_BLOCK_QUERIES", 3)
+    monkeypatch.setattr(recall, "BLOCK_ELEMENTS", 1)
+    emb = batch(LABELS, spread=0.5)
+    gen = lambda: torch.Generator().manual_seed(5)
+    ref, ref_grad = grads(lambda e: naive_rsk(*(naive_simix(e, LABELS, gen()) if simix_flag else (e, LABELS))), emb)
+    loss = RecallAtKSurrogate(simix=simix_flag, chunk_size=chunk_size)
+    ours, our_grad = grads(lambda e: loss(e, torch.tensor(LABELS), generator=gen()), emb)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(our_grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_computed_in_float32(dtype):
+    # The reference sees the same rounded inputs: what remains is the loss's own arithmetic,
+    # which in half precision put the gradient several percent off.
+    emb = batch(LABELS).to(dtype)
+    ref, ref_grad = grads(lambda e: naive_rsk(e, LABELS), emb.double())
+    ours, our_grad = grads(lambda e: RecallAtKSurrogate()(e, torch.tensor(LABELS)), emb)
+    assert ours.dtype == torch.float32 and our_grad.dtype == dtype
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(our_grad.double(), ref_grad, rtol=0, atol=1e-2 * ref_grad.abs().max().item())
+
+
 @pytest.mark.parametrize("rank_includes_query", [False, True])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
 def test_simix_matches_naive_reference(rank_includes_query, dtype, rtol):
@@ -90,6 +122,46 @@ def test_simix_adds_one_virtual_sample_per_same_class_pair():
     assert simix.mixing(y).labels.numel() == 10240
 
 
+def previous_mixing(labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The enumeration SiMix used before it grouped labels (an N x N mask), kept as the reference
+    for its documented order: (first, second, weight) of the virtual samples."""
+    same = labels[:, None] == labels[None, :]
+    i, j = torch.nonzero(torch.triu(same, diagonal=1), as_tuple=True)
+    order = torch.sort(labels[i], stable=True).indices
+    i, j = i[order], j[order]
+    return i, j, torch.rand(i.numel(), generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("labels", [LABELS, torch.randint(0, 40, (300,), generator=torch.Generator().manual_seed(2)).tolist()])
+def test_simix_pairs_and_weights_keep_the_previous_order(labels):
+    y = torch.tensor(labels)
+    m = simix.mixing(y, torch.Generator().manual_seed(4))
+    first, second, weight = previous_mixing(y, torch.Generator().manual_seed(4))
+    n = y.numel()
+    assert len(set(torch.bincount(y).tolist()) - {0}) > 2, "classes of unequal size"
+    assert torch.equal(m.first[n:], first) and torch.equal(m.second[n:], second)
+    assert torch.equal(m.weight[n:], weight)
+    assert torch.equal(m.labels[n:], y[first])
+
+
+def test_simix_mixing_memory_stays_small_at_n_65536():
+    # In a fresh process, so that the peak is this draw's own. 16384 classes of 4 plus unequal ones.
+    code = (
+        "import resource, torch\n"
+        "from rsk_dist.losses import simix\n"
+        "y = torch.arange(65536) // 4\n"
+        "y[:4096] = torch.arange(4096) // 11\n"
+        "simix.mixing(y[:8], torch.Generator().manual_seed(0))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "m = simix.mixing(y[torch.randperm(65536)], torch.Generator().manual_seed(0))\n"
+        "print(m.labels.numel(), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    n_ext, growth_mb = map(int, out.stdout.split())
+    assert n_ext > 65536 + 6 * 15000
+    assert growth_mb < 300, f"drawing the SiMix mixing grew peak RSS by {growth_mb} MB"
+
+
 def test_simix_weights_follow_the_generator():
     y = torch.tensor([0, 1, 0, 1, 0])
     m1 = simix.mixing(y, torch.Generator().manual_seed(7))
@@ -113,6 +185,21 @@ def test_query_shards_sum_to_the_full_loss(simix_flag):
     (g_parts,) = torch.autograd.grad(sum(parts), emb)
     torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=0)
     torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("simix_flag", [False, True])
+def test_query_shard_is_the_workers_own_rows(simix_flag):
+    # 20 samples over 3 workers: shards 7, 7, 6; with SiMix the virtual samples split likewise.
+    emb = batch(LABELS)
+    y = torch.tensor(LABELS)
+    gen = lambda: torch.Generator().manual_seed(1)
+    extended, ext_labels = naive_simix(emb, LABELS, gen()) if simix_flag else (emb, LABELS)
+    real = shard_bounds(len(LABELS), 3)
+    virtual = shard_bounds(len(ext_labels) - len(LABELS), 3) if simix_flag else [0] * 4
+    for i in range(3):
+        own = list(range(real[i], real[i + 1])) + [len(LABELS) + v for v in range(virtual[i], virtual[i + 1])]
+        ours = recall_at_k_surrogate(emb, y, simix=simix_flag, generator=gen(), query_shard=(i, 3))
+        torch.testing.assert_close(ours, naive_rsk(extended, ext_labels, queries=own), rtol=1e-9, atol=0)
 
 
 def test_bad_query_shard_is_an_error():
@@ -160,17 +247,15 @@ def test_backward_scales_with_upstream_gradient_and_retained_graph():
 
 
 @pytest.mark.parametrize("name", ["contrastive", "multi_similarity"])
-def test_baselines_come_from_pytorch_metric_learning(name):
-    from pytorch_metric_learning import losses
-
-    loss = MetricLearningLoss(name)
-    emb = batch(LABELS).float().requires_grad_()
-    value = loss(emb, torch.tensor(LABELS))
-    expected = {"contrastive": losses.ContrastiveLoss, "multi_similarity": losses.MultiSimilarityLoss}[name]()
-    assert isinstance(loss.loss, expected.__class__)
-    torch.testing.assert_close(value, expected(emb, torch.tensor(LABELS)))
-    value.backward()
-    assert emb.grad.abs().sum() > 0
+def test_baselines_match_an_independent_computation(name):
+    reference = {"contrastive": naive_contrastive, "multi_similarity": naive_multi_similarity}[name]
+    # Spread out so that both margins and both soft-max terms are active.
+    emb = batch(LABELS, spread=0.8)
+    ref, ref_grad = grads(lambda e: reference(e, LABELS), emb)
+    ours, our_grad = grads(lambda e: MetricLearningLoss(name)(e, torch.tensor(LABELS)), emb)
+    assert ref_grad.abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(our_grad, ref_grad, rtol=1e-7, atol=1e-9 * ref_grad.abs().max().item())
 
 
 def test_unknown_baseline_names_the_choices():

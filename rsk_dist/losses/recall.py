@@ -9,7 +9,7 @@ terms plus the N x d embedding gradient: no N x N matrix is ever held.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,17 +18,24 @@ from rsk_dist.grouping import LabelGroups
 from rsk_dist.losses.simix import Mixing, mixing
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
-# Elements of the one (queries x positives x samples) chunk buffer when chunk_size=None: 16 MB in
-# float32. Larger chunks were slower on CPU (each pass then streams from main memory).
+# Elements of the one (queries x positives x samples) sigmoid buffer when chunk_size=None: 16 MB
+# in float32. Larger sub-chunks were slower on CPU (each pass then streams from main memory).
 DEFAULT_CHUNK_ELEMENTS = 2**22
+# Queries per similarity block. Each block reads the N x d embeddings (and updates their
+# gradient) three times, so a block that shrank like 1/N would make the loss time grow as N^3;
+# at least MIN_BLOCK_QUERIES keeps it N^2 P, at the price of block buffers of
+# MIN_BLOCK_QUERIES x N, which grow with N like the N x d embeddings themselves.
+BLOCK_ELEMENTS = 2**23
+MIN_BLOCK_QUERIES = 128
 
 
-def _positives(groups: LabelGroups, queries: Tensor) -> tuple[Tensor, Tensor]:
-    """(C x P) indices of each query's positives and a validity mask; P = largest class - 1.
-    Padding slots point at the query itself and are masked out."""
+def _positives(groups: LabelGroups, queries: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(C x P) indices of each query's positives and a validity mask; ``width`` is the largest
+    class among the queries, P = width - 1. Padding slots point at the query itself and are
+    masked out."""
     cls = groups.class_of[queries]
     size = groups.counts[cls]
-    offsets = torch.arange(int(size.max()), device=queries.device)
+    offsets = torch.arange(width, device=queries.device)
     slot = (groups.starts[cls, None] + offsets).clamp(max=groups.order.numel() - 1)
     members = groups.order[slot]
     valid = (offsets < size[:, None]) & (members != queries[:, None])
@@ -38,25 +45,33 @@ def _positives(groups: LabelGroups, queries: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(valid, members, queries[:, None]), valid
 
 
-def _chunks(num_positives: Tensor, num_samples: int, chunk_size: int | None) -> Iterator[Tensor]:
-    """Query chunks, largest classes first so that each chunk pads its positives little."""
-    order = torch.argsort(num_positives, descending=True, stable=True)
-    start = 0
-    while start < order.numel():
-        if chunk_size is None:
-            width = int(num_positives[order[start]]) * num_samples
-            size = max(1, DEFAULT_CHUNK_ELEMENTS // max(width, 1))
-        else:
-            size = chunk_size
-        yield order[start : start + size]
-        start += size
+SubChunk = tuple[int, int, int]  # start, stop (within the block), positives per query
+
+
+def _plan(num_positives: list[int], num_samples: int, chunk_size: int | None) -> list[tuple[int, int, list[SubChunk]]]:
+    """Blocks ``(start, stop, sub-chunks)`` over queries sorted by descending positive count,
+    worked out once on the host so that the loop over them never waits for the device. A
+    block's similarity rows come from one matmul; its sub-chunks bound the sigmoid buffer."""
+    block = max(MIN_BLOCK_QUERIES, BLOCK_ELEMENTS // num_samples)
+    blocks = []
+    for b0 in range(0, len(num_positives), block):
+        b1 = min(b0 + block, len(num_positives))
+        subs, c0 = [], b0
+        while c0 < b1:
+            p = num_positives[c0]  # the sub-chunk's largest: sorted descending
+            size = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (p * num_samples))
+            c1 = min(c0 + size, b1)
+            subs.append((c0 - b0, c1 - b0, p))
+            c0 = c1
+        blocks.append((b0, b1, subs))
+    return blocks
 
 
 class _RecallSurrogateFunction(torch.autograd.Function):
     """Sum of the per-query losses of ``queries``, divided by ``normalizer``, as a function of
-    the real embeddings. With SiMix, ``mixed`` describes the virtual samples: each chunk's
+    the real embeddings. With SiMix, ``mixed`` describes the virtual samples: each block's
     similarity rows are mixed from real ones, and their gradient flows back through the mixing.
-    Nothing of size N x N outlives a chunk: memory is the chunk plus the N x d gradient."""
+    Nothing of size N x N outlives a block: memory is the block plus the N x d gradient."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -73,55 +88,62 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         normalizer: int,
     ) -> Tensor:
         # The loss is almost always differentiated right after it is computed, so the gradient
-        # is built in the same pass over the chunk: recomputing the chunk in backward instead
-        # would double the O(N^2 P) work for the same memory bound.
+        # is built in the same pass over the block: recomputing it in backward instead would
+        # double the O(N^2 P) work for the same memory bound.
         want_grad = ctx.needs_input_grad[0]
         emb = embeddings
         n = classes.class_of.numel()
         npos = classes.num_positives(queries)
-        has_pos = torch.nonzero(npos > 0).squeeze(1)
+        # Largest classes first, so that each sub-chunk pads its positives little; queries
+        # without a positive sort last and are dropped. The one host transfer of the loss.
+        order = torch.argsort(npos, descending=True, stable=True)
+        sorted_npos = [p for p in npos[order].tolist() if p > 0]
+        queries = queries[order[: len(sorted_npos)]]
+        plan = _plan(sorted_npos, n, chunk_size)
         grad = torch.zeros_like(emb) if want_grad else None
         kk = torch.tensor(ks, dtype=emb.dtype, device=emb.device)
         total = emb.new_zeros(())
-        buffer = None
-        for local in _chunks(npos[has_pos], n, chunk_size):
-            q = queries[has_pos[local]]
-            pos, valid = _positives(classes, q)
-            rows = emb.index_select(0, q) if mixed is None else mixed.rows(emb, q)  # C x d
-            sim_real = rows @ emb.T  # C x N_real
-            s = (sim_real if mixed is None else mixed.columns(sim_real)) / tau2  # C x N
-            shape = (q.numel(), pos.shape[1], n)
-            if buffer is None or buffer.numel() < shape[0] * shape[1] * shape[2]:
-                # One buffer reused by every chunk: fresh large tensors cost a page fault per page.
-                buffer = emb.new_empty(shape[0] * shape[1] * shape[2])
-            diff = buffer[: shape[0] * shape[1] * shape[2]].view(shape)
-            torch.sub(s[:, None, :], s.gather(1, pos)[:, :, None], out=diff)  # (s_qz - s_qx) / tau2
-            excluded = pos[:, :, None] if rank_includes_query else torch.stack([pos, q[:, None].expand_as(pos)], 2)
-            diff.scatter_(2, excluded, float("-inf"))  # z != x, and z != q unless it ranks itself
-            sig = diff.sigmoid_()
-            rank = 1 + sig.sum(2)
-            soft_hits = torch.sigmoid((kk - rank[:, :, None]) / tau1) * valid[:, :, None]
-            hits = soft_hits.sum(1)  # C x K
-            denom = torch.minimum(kk, valid.sum(1, keepdim=True).to(emb.dtype))
-            recall = torch.minimum(hits, kk) / denom
-            total = total + (1 - recall.mean(1)).sum()
+        # One buffer reused by every sub-chunk: fresh large tensors cost a page fault per page.
+        buffer = emb.new_empty(max(((c1 - c0) * p * n for _, _, subs in plan for c0, c1, p in subs), default=0))
+        for b0, b1, subs in plan:
+            qb = queries[b0:b1]
+            rows = emb.index_select(0, qb) if mixed is None else mixed.rows(emb, qb)  # Q x d
+            sim_real = rows @ emb.T  # Q x N_real
+            s = (sim_real if mixed is None else mixed.columns(sim_real)) / tau2  # Q x N
+            g_sim = torch.empty_like(s) if grad is not None else None
+            for c0, c1, p in subs:
+                q, sq = qb[c0:c1], s[c0:c1]
+                pos, valid = _positives(classes, q, p + 1)
+                diff = buffer[: q.numel() * p * n].view(q.numel(), p, n)
+                torch.sub(sq[:, None, :], sq.gather(1, pos)[:, :, None], out=diff)  # (s_qz - s_qx) / tau2
+                excluded = pos[:, :, None] if rank_includes_query else torch.stack([pos, q[:, None].expand_as(pos)], 2)
+                diff.scatter_(2, excluded, float("-inf"))  # z != x, and z != q unless it ranks itself
+                sig = diff.sigmoid_()
+                rank = 1 + sig.sum(2)
+                soft_hits = torch.sigmoid((kk - rank[:, :, None]) / tau1) * valid[:, :, None]
+                hits = soft_hits.sum(1)  # C x K
+                denom = torch.minimum(kk, valid.sum(1, keepdim=True).to(emb.dtype))
+                recall = torch.minimum(hits, kk) / denom
+                total = total + (1 - recall.mean(1)).sum()
+                if g_sim is None:
+                    continue
+                # dL/d rank_qx, the clamp min(k, .) passing gradient only below k.
+                clamp_open = (hits < kk).to(emb.dtype) / denom
+                g_rank = (soft_hits * (1 - soft_hits) * clamp_open[:, None, :]).sum(2)
+                g_rank = g_rank / (tau1 * len(ks) * normalizer * tau2)
+                dsig = sig.addcmul_(sig, sig, value=-1)  # sigmoid' = s - s^2, in place; masked terms give 0
+                g_sub = torch.bmm(g_rank[:, None, :], dsig).squeeze(1)  # through s_qz, z != x
+                g_sim[c0:c1] = g_sub.scatter_add_(1, pos, -g_rank * dsig.sum(2))  # through s_qx
             if grad is None:
                 continue
-            # dL/d rank_qx, the clamp min(k, .) passing gradient only below k.
-            clamp_open = (hits < kk).to(emb.dtype) / denom
-            g_rank = (soft_hits * (1 - soft_hits) * clamp_open[:, None, :]).sum(2)
-            g_rank = g_rank / (tau1 * len(ks) * normalizer * tau2)
-            dsig = sig.addcmul_(sig, sig, value=-1)  # sigmoid' = s - s^2, in place; masked terms give 0
-            g_sim = torch.bmm(g_rank[:, None, :], dsig).squeeze(1)  # through s_qz, z != x
-            g_sim.scatter_add_(1, pos, -g_rank * dsig.sum(2))  # through s_qx
             # Back through sim_real = rows @ emb.T (and the mixing, with SiMix) to the embeddings.
             g_real = g_sim if mixed is None else mixed.columns_adjoint(g_sim)
             grad.addmm_(g_real.T, rows)
             g_rows = g_real @ emb
             if mixed is None:
-                grad.index_add_(0, q, g_rows)
+                grad.index_add_(0, qb, g_rows)
             else:
-                mixed.add_rows_adjoint(grad, q, g_rows)
+                mixed.add_rows_adjoint(grad, qb, g_rows)
         if grad is not None:
             ctx.save_for_backward(grad)
         return total / normalizer
@@ -149,8 +171,10 @@ def recall_at_k_surrogate(
     """RS@k of a batch (spec §1), with SiMix virtual samples when ``simix`` (spec §2).
 
     ``embeddings`` (N x d) are L2-normalised by the caller; ``labels`` are N integers in any
-    order. ``query_shard=(i, n)`` keeps only the terms of the i-th of n contiguous parts of the
-    queries (of the extended batch with SiMix) while still dividing by the number of valid
+    order; fp16 and bf16 embeddings are computed with in float32 (so is the returned value).
+    ``query_shard=(i, n)`` keeps only the terms of the queries of the i-th of n shards
+    (contiguous, sized by rsk_dist.sampler.shard_bounds; with SiMix also the i-th of n
+    contiguous parts of the virtual samples) while still dividing by the number of valid
     queries in the whole batch: the n parts add up to the full loss, which is how workers
     share the loss (spec §4).
     """
@@ -164,6 +188,10 @@ def recall_at_k_surrogate(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    if embeddings.dtype in (torch.float16, torch.bfloat16):
+        # (s_qz - s_qx) / tau2 in half precision loses the ranking between close samples: work
+        # in float32. Autograd casts the gradient back to the input's dtype.
+        embeddings = embeddings.float()
     labels = labels.reshape(-1).to(embeddings.device).long()
     mix = mixing(labels, generator) if simix else None
     if mix is not None:
@@ -175,7 +203,10 @@ def recall_at_k_surrogate(
         index, count = query_shard
         if not 0 <= index < count:
             raise ValueError(f"query_shard must be (index, count) with 0 <= index < count, got {query_shard}")
-        queries = all_queries.tensor_split(count)[index]
+        # tensor_split sizes its parts as rsk_dist.sampler.shard_bounds does: worker i's real
+        # queries are exactly its own shard's rows. The virtual samples are split the same way.
+        parts = (all_queries[: embeddings.shape[0]], all_queries[embeddings.shape[0] :])
+        queries = torch.cat([part.tensor_split(count)[index] for part in parts])
     classes = LabelGroups(labels)
     normalizer = int((classes.num_positives(all_queries) > 0).sum())
     if normalizer == 0:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rsk_dist.grouping import LabelGroups
+
 
 @dataclass(frozen=True)
 class Mixing:
@@ -56,13 +58,28 @@ class Mixing:
         out.index_add_(0, self.second[rows], g * (1 - a))
 
 
-def same_class_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """All unordered same-class pairs ``(i, j)``, ``i < j``, in the order documented above."""
-    labels = labels.reshape(-1)
-    same = labels[:, None] == labels[None, :]
-    i, j = torch.nonzero(torch.triu(same, diagonal=1), as_tuple=True)  # row-major: i, then j
-    order = torch.sort(labels[i], stable=True).indices
-    return i[order], j[order]
+def same_class_pairs(groups: LabelGroups) -> tuple[Tensor, Tensor]:
+    """All unordered same-class pairs ``(i, j)``, ``i < j``, in the order documented above.
+
+    Classes of one size share one upper-triangle pattern, so the pairs are built size by size
+    (a handful of sizes in a class-balanced batch), each placed at its class's offset: memory
+    is the pairs themselves, never N x N."""
+    device = groups.order.device
+    pairs_per_class = groups.counts * (groups.counts - 1) // 2
+    offsets = torch.cumsum(pairs_per_class, 0) - pairs_per_class
+    total = int(pairs_per_class.sum())
+    first = torch.empty(total, dtype=torch.long, device=device)
+    second = torch.empty(total, dtype=torch.long, device=device)
+    for size in torch.unique(groups.counts).tolist():
+        if size < 2:
+            continue
+        classes = torch.nonzero(groups.counts == size).squeeze(1)
+        members = groups.order[groups.starts[classes, None] + torch.arange(size, device=device)]
+        a, b = torch.triu_indices(size, size, 1, device=device)  # row-major: i, then j
+        at = (offsets[classes, None] + torch.arange(a.numel(), device=device)).reshape(-1)
+        first[at] = members[:, a].reshape(-1)
+        second[at] = members[:, b].reshape(-1)
+    return first, second
 
 
 def mixing(labels: Tensor, generator: torch.Generator | None = None) -> Mixing:
@@ -70,13 +87,12 @@ def mixing(labels: Tensor, generator: torch.Generator | None = None) -> Mixing:
     every worker draws the same ones); its device decides where they are drawn."""
     labels = labels.reshape(-1).long()
     n = labels.numel()
-    i, j = same_class_pairs(labels.cpu())
+    i, j = same_class_pairs(LabelGroups(labels))
     rand_device = generator.device if generator is not None else torch.device("cpu")
     a = torch.rand(i.numel(), generator=generator, dtype=torch.float64, device=rand_device)
-    real = torch.arange(n)
-    first = torch.cat([real, i]).to(labels.device)
-    second = torch.cat([real, j]).to(labels.device)
-    weight = torch.cat([torch.ones(n, dtype=torch.float64), a.cpu()]).to(labels.device)
+    real = torch.arange(n, device=labels.device)
+    first, second = torch.cat([real, i]), torch.cat([real, j])
+    weight = torch.cat([torch.ones(n, dtype=torch.float64, device=labels.device), a.to(labels.device)])
     return Mixing(first, second, weight, labels[first], n)
 
 
