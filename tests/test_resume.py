@@ -23,7 +23,7 @@ def job(tmp_path, **run):
         "loss": {"k": [1, 2, 4], "simix": True},
         "sampler": {"batch_size": 24, "seed": 7},
         "optim": {"name": "adam", "lr": 0.01},
-        "train": {"epochs": 2, "steps_per_epoch": 3, "chunk_size": 8},
+        "train": {"epochs": 2, "steps_per_epoch": 2, "chunk_size": 8},
         "run": {"name": "r", "storage_path": f"file://{tmp_path}/runs", "checkpoint_every_steps": 1, **run},
     })
 
@@ -39,8 +39,8 @@ def train(config, state=None):
 def test_every_step_checkpoint_resumes_to_the_same_end(tmp_path):
     config = job(tmp_path)
     clean, reports = train(config)
-    assert [(m["epoch"], s["step"]) for m, s in reports] == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
-    for _, state in reports[:-1]:
+    assert [(s["epoch"], s["step"]) for _, s in reports] == [(0, 1), (1, 0), (1, 1), (2, 0)]
+    for _, state in (reports[0], reports[2]):  # mid-epoch, in the first epoch and after a summary
         state = torch.load(_saved(tmp_path, state), weights_only=True)
         resumed, _ = train(config, state)
         for name, value in clean.model.state_dict().items():
