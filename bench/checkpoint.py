@@ -8,7 +8,7 @@ in the step, then ``write_checkpoint`` through the pyarrow filesystem Ray Train 
 (state file, then manifest) — in the step (sync) or in one background thread with at most one
 copy in flight (async: what ``run.checkpoint_upload: async`` does in Ray's upload thread).
 
-    python bench/checkpoint.py [--steps 4] [--step-seconds 2]
+    python bench/checkpoint.py [--steps 3] [--step-seconds 2]
 """
 from __future__ import annotations
 
@@ -49,47 +49,51 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [t for item in items for t in _tensors(item)]
 
 
-def run(mode: str, url: str, state: dict, steps: int, step_seconds: float) -> float:
-    """Seconds per step, checkpointing after every step (``mode`` none, sync or async)."""
+def run(mode: str, url: str, state: dict, steps: int, step_seconds: float) -> tuple[float, float, float]:
+    """Seconds per step, checkpointing after every step (``mode`` none, sync or async); seconds
+    per step the training thread spent on checkpoints; seconds per write (copy excluded)."""
     import pyarrow.fs
 
     fs, root = filesystem(url)
     arrow = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
     written = threading.Event()
     written.set()
-    threads = []
+    threads, in_step, writes = [], 0.0, []
+
+    def write(snapshot: dict, path: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            write_checkpoint(arrow, path, snapshot)
+        finally:
+            writes.append(time.perf_counter() - t0)
+            written.set()
+
     started = time.perf_counter()
     for step in range(steps):
         time.sleep(step_seconds)
         if mode == "none":
             continue
+        t0 = time.perf_counter()
         path = f"{root}/{mode}_{step:05d}"
         if mode == "sync":
-            write_checkpoint(arrow, path, cpu_copy(state))
-            continue
-        written.wait()
-        written.clear()
-        snapshot = cpu_copy(state)
-
-        def write(snapshot=snapshot, path=path) -> None:
-            try:
-                write_checkpoint(arrow, path, snapshot)
-            finally:
-                written.set()
-
-        threads.append(threading.Thread(target=write))
-        threads[-1].start()
+            write(cpu_copy(state), path)
+        else:
+            written.wait()
+            written.clear()
+            threads.append(threading.Thread(target=write, args=(cpu_copy(state), path)))
+            threads[-1].start()
+        in_step += time.perf_counter() - t0
     per_step = (time.perf_counter() - started) / steps
     for t in threads:
         t.join()
     if mode != "none":
         load_state(url.rstrip("/") + f"/{mode}_{steps - 1:05d}")  # complete and valid
-    return per_step
+    return per_step, in_step / steps, sum(writes) / max(len(writes), 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=2.0)
     args = parser.parse_args()
     state = resnet50_adam_state()
@@ -104,17 +108,18 @@ def main() -> None:
         filesystem(f"s3://{BUCKET}")[0].mkdir(BUCKET)
         with tempfile.TemporaryDirectory() as tmp:
             for store, url in (("local disk", f"file://{tmp}"), ("S3 (moto)", f"s3://{BUCKET}/run")):
-                base = run("none", url, state, args.steps, args.step_seconds)
+                base = run("none", url, state, args.steps, args.step_seconds)[0]
                 for mode in ("sync", "async"):
-                    per_step = run(mode, url, state, args.steps, args.step_seconds)
+                    per_step, in_step, write = run(mode, url, state, args.steps, args.step_seconds)
                     added = per_step - base
-                    rows.append([store, mode, f"{per_step:.2f}", f"{added:+.2f}", f"{added / base:+.0%}"])
+                    rows.append([store, mode, f"{per_step:.2f}", f"{added:+.2f}", f"{added / base:+.0%}",
+                                 f"{in_step:.2f}", f"{write:.2f}"])
                     print(f"done {store} {mode}: {per_step:.2f} s/step", file=sys.stderr)
     finally:
         proc.kill()
     print(f"Checkpoint every step, {size:.0f} MB state (ResNet-50 + Adam), {args.step_seconds:.0f} s steps "
           f"(sleep), {args.steps} steps per case; {machine()}")
-    print(table(["store", "upload", "s/step", "added s/step", "added"], rows))
+    print(table(["store", "upload", "s/step", "added s/step", "added", "s/step in the training thread", "s per write"], rows))
 
 
 if __name__ == "__main__":
