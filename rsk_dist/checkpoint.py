@@ -23,22 +23,44 @@ class CheckpointError(ValueError):
     pass
 
 
-def _serialise(state: dict[str, Any]) -> tuple[bytes, bytes]:
+def checkpoint_files(state: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The files of a checkpoint of ``state``, (name, contents), in the order they must be
+    written: the manifest last."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
     manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                 "epoch": state.get("epoch"), "step": state.get("step")}
-    return data, json.dumps(manifest).encode()
+    return [(STATE, data), (MANIFEST, json.dumps(manifest).encode())]
+
+
+def cpu_copy(state: Any) -> Any:
+    """``state`` with every tensor copied to the CPU: a snapshot that later optimizer steps do
+    not change, so that it can be written while training goes on."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return state
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> None:
     """Writes ``state`` into a local directory: the state file first, its manifest last."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    data, manifest = _serialise(state)
-    (directory / STATE).write_bytes(data)
-    (directory / MANIFEST).write_bytes(manifest)
+    for name, data in checkpoint_files(state):
+        (directory / name).write_bytes(data)
+
+
+def write_checkpoint(fs: Any, path: str, state: dict[str, Any]) -> None:
+    """Writes ``state`` as a checkpoint directory at ``path`` of a ``pyarrow.fs.FileSystem``
+    (Ray Train's storage): the state file first, its manifest last."""
+    fs.create_dir(path)
+    for name, data in checkpoint_files(state):
+        with fs.open_output_stream(f"{path}/{name}") as out:
+            out.write(data)
 
 
 def publish_state(url: str, state: dict[str, Any]) -> None:
@@ -48,11 +70,11 @@ def publish_state(url: str, state: dict[str, Any]) -> None:
     from rsk_dist.storage import atomic_write, filesystem, join
 
     fs, path = filesystem(url)
-    data, manifest = _serialise(state)
+    files = checkpoint_files(state)
     if fs.exists(join(path, MANIFEST)):
         fs.rm_file(join(path, MANIFEST))
-    atomic_write(fs, join(path, STATE), data)
-    atomic_write(fs, join(path, MANIFEST), manifest)
+    for name, data in files:
+        atomic_write(fs, join(path, name), data)
 
 
 def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -92,6 +114,25 @@ def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dic
             f"{redact(url)}: {STATE} matches its manifest but cannot be loaded safely ({type(err).__name__}: "
             f"{str(err)[:300]}); resume from another checkpoint"
         ) from None
+
+
+def latest_checkpoint(run_url: str) -> str | None:
+    """The URL of a run directory's latest complete checkpoint (one with a manifest), or None.
+    Checkpoint names (``checkpoint_epoch_EEEEE[_step_SSSSS]``) sort in training order."""
+    from rsk_dist.storage import filesystem, join
+
+    fs, path = filesystem(run_url)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return None
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    complete = [n for n in names if n.startswith("checkpoint_epoch_") and fs.exists(join(path, n, MANIFEST))]
+    return join(run_url, complete[-1]) if complete else None
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """``epoch`` epochs and ``step`` steps of the next one done."""
+    return f"checkpoint_epoch_{epoch:05d}" + (f"_step_{step:05d}" if step else "")
 
 
 def load_model(url: str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:

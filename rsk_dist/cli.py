@@ -3,7 +3,7 @@
 ::
 
     rsk-dist validate CONFIG [--set a.b=c ...]
-    rsk-dist train    CONFIG [--set a.b=c ...] [--address ADDR] [--resume-from URL]
+    rsk-dist train    CONFIG [--set a.b=c ...] [--address ADDR] [--resume-from URL] [--allow-config-change]
     rsk-dist submit   CONFIG [--set a.b=c ...] --address http://HEAD:8265 [--no-wait]
     rsk-dist status   JOB_ID --address http://HEAD:8265
     rsk-dist logs     JOB_ID --address http://HEAD:8265 [--follow]
@@ -212,10 +212,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = _load(args.config, args.set)
     sys.stdout.write(dump_config(config))
-    s = config.scaling
+    low, high = config.scaling.worker_range
+    batch = config.sampler.batch_size
+    workers = str(low) if low == high else f"{low} to {high}"
     print(
-        f"ok: {args.config} is a valid job config ({s.num_workers} worker(s), global batch "
-        f"{config.sampler.batch_size}, {config.sampler.batch_size // s.num_workers} per worker)",
+        f"ok: {args.config} is a valid job config ({workers} worker(s), global batch {batch}, "
+        f"{batch // high} to {-(-batch // low)} per worker)",
         file=sys.stderr,
     )
     return 0
@@ -226,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rsk_dist.train import fit
 
     started = time.perf_counter()
-    metrics = fit(config, address=args.address, resume_from=args.resume_from)
+    metrics = fit(config, address=args.address, resume_from=args.resume_from, allow_config_change=args.allow_config_change)
     _print_metrics(dict(metrics or {}), f"finished {config.run.name} in {time.perf_counter() - started:.0f}s:")
     return 0
 
@@ -497,7 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a training job (a local Ray instance without --address)")
     with_config(p)
     p.add_argument("--address", default=None, type=_url, help="Ray cluster address (ray://..., HOST:6379 or 'auto')")
-    p.add_argument("--resume-from", default=None, metavar="URL", type=_url, help="checkpoint URL to start from")
+    p.add_argument("--resume-from", default=None, metavar="URL", type=_url,
+                   help="checkpoint URL to start a new run from (a run with checkpoints resumes from its own)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though model, loss, data, sampler or optim fields differ from the checkpoint's")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="submit a training job to a Ray cluster's job server")

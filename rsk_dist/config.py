@@ -131,16 +131,37 @@ class TrainConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(1, ge=1)
+    # An int, or [min, max]: elastic, Ray Train runs on as many workers in that range as it can
+    # get and restarts from the latest checkpoint on the workers that remain when one is lost.
+    # The global batch does not depend on the worker count, so neither does the training.
+    num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed count."""
+        w = self.num_workers
+        return (w, w) if isinstance(w, int) else w
+
+    @model_validator(mode="after")
+    def _check(self) -> ScalingConfig:
+        low, high = self.worker_range
+        if not 1 <= low <= high:
+            raise ValueError(f"scaling.num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {self.num_workers}")
+        return self
 
 
 class RunConfig(Section):
     name: str = Field("rsk-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage_path: Url = "file://./runs"  # any fsspec URL: s3://bucket/prefix, gs://..., file://...
     checkpoint_every: int = Field(1, ge=1)  # epochs
+    # Also within an epoch, every this many steps (None: at epoch ends only). A resume repeats
+    # at most this many steps.
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    # async: a copy of the state is taken in the step and written and uploaded in the background
+    checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
     resume_from: Url | None = None  # a checkpoint URL to start from
@@ -156,15 +177,32 @@ class JobConfig(Section):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
 
-    @model_validator(mode="after")
-    def _check(self) -> JobConfig:
-        workers = self.scaling.num_workers
-        if self.sampler.batch_size % workers:
-            raise ValueError(
-                f"sampler.batch_size {self.sampler.batch_size} does not split into "
-                f"{workers} equal worker shards: make it a multiple of scaling.num_workers"
-            )
-        return self
+
+# What a resumed run may not change without --allow-config-change: the fields that change the
+# training's maths. Epochs, evaluation, logging, scaling, checkpointing and the data's
+# performance settings (how data is read and decoded, compilation, memory layout) apply on resume.
+MATHS_SECTIONS = ("model", "loss", "data", "sampler", "optim")
+MATHS_FIELDS = ("train.steps_per_epoch", "train.autocast")
+NOT_MATHS = (
+    "data.eval", "data.prefetch_steps", "data.cache_dir", "data.cache_max_bytes", "data.read_concurrency",
+    "data.decoders", "model.compile", "model.channels_last",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def maths_changes(old: JobConfig, new: JobConfig) -> list[str]:
+    """Dotted names of the fields that change the training and differ between two configs."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+
+    def maths(name: str) -> bool:
+        return (name.split(".")[0] in MATHS_SECTIONS or name in MATHS_FIELDS) and not name.startswith(NOT_MATHS)
+
+    return sorted(n for n in a.keys() | b.keys() if maths(n) and a.get(n) != b.get(n))
 
 
 class ConfigError(ValueError):

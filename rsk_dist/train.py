@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from rsk_dist.checkpoint import load_model, load_state, publish_state, save_state
+from rsk_dist.checkpoint import (
+    CheckpointError, checkpoint_name, cpu_copy, latest_checkpoint, load_model, load_state, publish_state, write_checkpoint,
+)
 from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, local_absolute
 from rsk_dist.data.feeder import Feeder
 from rsk_dist.data.sources import MemorySource, digits_split, zip_source
@@ -28,7 +31,9 @@ from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate
 from rsk_dist.loop import train_step
 from rsk_dist.models import build_model
 from rsk_dist.monitor import RunMonitor
+from rsk_dist.preemption import CheckpointSchedule, Preempted
 from rsk_dist.sampler import ClassBalancedSampler
+from rsk_dist.storage import join
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,7 +115,9 @@ class Trainer:
         self.steps_per_epoch = c.train.steps_per_epoch or self.sampler.steps_per_epoch
         scaler = torch.amp.GradScaler(device.type) if c.train.autocast == "fp16" else None
         self.step = LargeBatchStep(self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler)
-        self.epoch, self.history, self.best = 0, [], -math.inf
+        # Progress: epochs done, steps done in the next one and their losses (for its summary).
+        self.epoch, self.step_in_epoch, self.losses, self.history, self.best = 0, 0, [], [], -math.inf
+        self.schedule = CheckpointSchedule(c.run.checkpoint_every, c.run.checkpoint_every_steps, c.train.epochs, device)
         # TensorBoard events and training.png beside the checkpoints, written by rank 0 alone
         self.monitor = RunMonitor(c.run.storage_path, c.run.name, enabled=rank_and_world()[0] == 0)
         if state is not None:
@@ -118,63 +125,83 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+            self.step_in_epoch, self.losses = state["step"], state.get("losses", [])
+            if self.step_in_epoch >= self.steps_per_epoch:
+                raise ValueError(
+                    f"the checkpoint is at step {self.step_in_epoch} of epoch {self.epoch + 1}, but an epoch now has "
+                    f"{self.steps_per_epoch} steps: keep train.steps_per_epoch as it was"
+                )
             if scaler is not None and state.get("grad_scaler"):
                 scaler.load_state_dict(state["grad_scaler"])
 
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": 0,
-            "history": self.history, "best": self.best, "config": self.config.model_dump(mode="json"),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step_in_epoch,
+            "losses": self.losses, "history": self.history, "best": self.best,
+            "config": self.config.model_dump(mode="json"),
             "grad_scaler": self.step.grad_scaler.state_dict() if self.step.grad_scaler is not None else None,
         }
 
     def run(self, report) -> None:
+        """Trains to the last epoch, from where the state left off. ``report(metrics, state)``
+        is called on every worker at each checkpoint (``state`` on rank 0, None elsewhere);
+        after a preemption notice, at the checkpoint of that step, then :class:`Preempted` is raised."""
         c = self.config
         rank, _ = rank_and_world()
         total = c.train.epochs * self.steps_per_epoch
         started = time.perf_counter()
-        done_at_start = self.epoch * self.steps_per_epoch
+        done_at_start = self.epoch * self.steps_per_epoch + self.step_in_epoch
         while self.epoch < c.train.epochs:
-            losses = []
-            for s in range(self.steps_per_epoch):
-                metrics = self._step(s)
-                losses.append(metrics["loss"])
-                done = self.epoch * self.steps_per_epoch + s + 1
-                if (s + 1) % c.train.log_every == 0:
-                    rate = (time.perf_counter() - started) / (done - done_at_start)
-                    if rank == 0:
-                        print(
-                            f"[rsk-dist] epoch {self.epoch + 1}/{c.train.epochs} step {done}/{total} "
-                            f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.0f} img/s "
-                            f"ETA {_eta(rate * (total - done))}", flush=True,
-                        )
-                        self.monitor.log_step(done, metrics)
-                    report({**metrics, "epoch": self.epoch, "step": done}, None)
-            self.scheduler.step()
-            self.epoch += 1
-            last = self.epoch == c.train.epochs
-            summary: dict[str, Any] = {"epoch": self.epoch, "step": self.epoch * self.steps_per_epoch, "loss": sum(losses) / len(losses)}
-            if self.eval_data is not None and (self.epoch % c.train.eval_every == 0 or last):
-                summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size))
-                if rank == 0:
-                    print("[rsk-dist] eval " + " ".join(f"{k} {v:.4f}" for k, v in summary.items() if "@" in k or "precision" in k), flush=True)
-                if summary["recall@1"] > self.best:
-                    self.best = summary["recall@1"]
-                    if rank == 0:
-                        self._publish_best(summary)
-            self.history.append(summary)
-            self.monitor.log_epoch(summary["step"], summary)
-            if self.epoch % c.run.checkpoint_every == 0 or last:
+            metrics = self._step(self.step_in_epoch)
+            self.losses.append(metrics["loss"])
+            self.step_in_epoch += 1
+            done = self.epoch * self.steps_per_epoch + self.step_in_epoch
+            if rank == 0 and self.step_in_epoch % c.train.log_every == 0:
+                rate = (time.perf_counter() - started) / (done - done_at_start)
+                print(
+                    f"[rsk-dist] epoch {self.epoch + 1}/{c.train.epochs} step {done}/{total} "
+                    f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.0f} img/s "
+                    f"ETA {_eta(rate * (total - done))}", flush=True,
+                )
+                self.monitor.log_step(done, metrics)
+            summary = {**metrics, "epoch": self.epoch, "step": done}
+            if self.step_in_epoch == self.steps_per_epoch:
+                summary = self._end_epoch()
+            preempted = self.schedule.preempted()
+            if preempted or self.schedule.due(self.epoch, self.step_in_epoch):
                 report(summary, self.state() if rank == 0 else None)
                 self.monitor.sync()
+            if preempted:
+                raise Preempted(f"stopped by a preemption notice after step {done}, which is checkpointed")
         self.monitor.finish(self.history)
+
+    def _end_epoch(self) -> dict[str, Any]:
+        """Steps the schedule, evaluates if due; returns the epoch's summary."""
+        c = self.config
+        rank, _ = rank_and_world()
+        self.scheduler.step()
+        self.epoch += 1
+        last = self.epoch == c.train.epochs
+        # workers: how many ran the epoch's last step (elastic runs change it)
+        summary: dict[str, Any] = {"epoch": self.epoch, "step": self.epoch * self.steps_per_epoch,
+                                   "loss": sum(self.losses) / len(self.losses), "workers": rank_and_world()[1]}
+        self.step_in_epoch, self.losses = 0, []
+        if self.eval_data is not None and (self.epoch % c.train.eval_every == 0 or last):
+            summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size))
+            if rank == 0:
+                print("[rsk-dist] eval " + " ".join(f"{k} {v:.4f}" for k, v in summary.items() if "@" in k or "precision" in k), flush=True)
+            if summary["recall@1"] > self.best:
+                self.best = summary["recall@1"]
+                if rank == 0:
+                    self._publish_best(summary)
+        self.history.append(summary)
+        self.monitor.log_epoch(summary["step"], summary)
+        return summary
 
     def _publish_best(self, metrics: dict[str, Any]) -> None:
         """The best model by validation Recall@1, at ``<storage_path>/<name>/best``: kept apart
         from the last K checkpoints that resumption uses."""
-        from rsk_dist.storage import join
-
         state = {"model": self.model.state_dict(), "config": self.config.model_dump(mode="json"),
                  "epoch": self.epoch, "step": 0, "metrics": metrics}
         publish_state(join(self.config.run.storage_path, self.config.run.name, "best"), state)
@@ -191,6 +218,51 @@ class Trainer:
         return metrics
 
 
+class RayCheckpointReport:
+    """``report`` for :meth:`Trainer.run` under Ray Train. Rank 0's state is copied to the CPU
+    in the step; writing it (state file, then manifest) into the run directory happens in Ray's
+    upload thread when ``run.checkpoint_upload`` is async, so training does not wait for storage.
+    At most one copy is in flight: a store slower than the checkpoints slows training down
+    instead of filling memory with copies."""
+
+    def __init__(self, mode: str, steps_per_epoch: int) -> None:
+        from ray.train import CheckpointUploadMode
+
+        self.mode = CheckpointUploadMode.ASYNC if mode == "async" else CheckpointUploadMode.SYNC
+        self.steps_per_epoch = steps_per_epoch
+        self.written = threading.Event()
+        self.written.set()
+
+    def __call__(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        name = checkpoint_name(metrics["epoch"], metrics["step"] % self.steps_per_epoch)
+        if state is None:
+            ray.train.report(metrics, checkpoint_dir_name=name)
+            return
+        self.written.wait()
+        self.written.clear()
+        snapshot = cpu_copy(state)
+        # Ray wants a local directory to hand to the upload; ours stays empty (deleted after).
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="rsk-ckpt-")),
+            checkpoint_dir_name=name, checkpoint_upload_mode=self.mode,
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=lambda _, dir_name: self.write(snapshot, dir_name),
+        )
+
+    def write(self, state: dict[str, Any], dir_name: str) -> "ray.train.Checkpoint":
+        import ray.train
+
+        try:
+            storage = ray.train.get_context().get_storage()
+            path = storage.build_checkpoint_path_from_name(dir_name)
+            write_checkpoint(storage.storage_filesystem, path, state)
+            return ray.train.Checkpoint(path, filesystem=storage.storage_filesystem)
+        finally:
+            self.written.set()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs."""
     import ray.train
@@ -198,27 +270,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     config = JobConfig.model_validate(loop_config["config"])
     device = ray.train.torch.get_device()
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_state(directory, map_location=device)
-    elif loop_config.get("resume_from"):
-        state = load_state(loop_config["resume_from"], map_location=device)
+    # The run's latest complete checkpoint, rather than ray.train.get_checkpoint(): that is the
+    # latest Ray registered, and an asynchronous upload can complete (manifest written) just
+    # before a driver dies, unregistered. Its manifest makes it as safe to load.
+    start = latest_checkpoint(join(config.run.storage_path, config.run.name)) or loop_config.get("resume_from")
+    state = load_state(start, map_location=device) if start else None
     trainer = Trainer(config, device, state)
-
-    def report(metrics: dict[str, Any], checkpoint_state: dict[str, Any] | None) -> None:
-        if checkpoint_state is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            save_state(directory, checkpoint_state)
-            ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=f"checkpoint_epoch_{checkpoint_state['epoch']:05d}",
-            )
-
-    trainer.run(report)
+    try:
+        trainer.run(RayCheckpointReport(config.run.checkpoint_upload, trainer.steps_per_epoch))
+    except Preempted:
+        # The step's checkpoint must be committed before this attempt ends and the retry looks for it.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        raise
 
 
 def load_ground_truth(url: str) -> list[dict]:
@@ -285,14 +348,63 @@ def evaluate_checkpoint(
     raise ValueError(f"unknown protocol {protocol!r}: use all, vehicleid or revisited")
 
 
-def fit(config: JobConfig, address: str | None = None, resume_from: str | None = None) -> dict[str, Any]:
+def _preemptible_torch_config(backend: str):
+    """Ray's TorchConfig whose workers also take SIGTERM as a preemption notice: the handler
+    must be installed on each worker's main thread, where Ray runs its setup, not its training."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    from rsk_dist.preemption import install_sigterm_handler
+
+    class PreemptibleBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            super().on_start(worker_group, backend_config)
+            worker_group.execute(install_sigterm_handler)
+
+    class PreemptibleTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return PreemptibleBackend
+
+    return PreemptibleTorchConfig(backend=backend)
+
+
+def check_resume(config: JobConfig, resume_from: str | None, allow_config_change: bool = False) -> str | None:
+    """The checkpoint a run starts from (the run's latest, else ``resume_from``), verified and
+    checked against ``config``; raises before any worker starts when it cannot be used."""
+    from rsk_dist.config import maths_changes
+
+    latest = latest_checkpoint(join(config.run.storage_path, config.run.name))
+    if latest and resume_from:
+        raise CheckpointError(
+            f"run {config.run.name!r} in {config.run.storage_path} already has checkpoints (latest: {latest}); "
+            f"a re-run resumes from them, so resume-from {resume_from} would be ignored: drop it, or set "
+            "another run.name to start a new run from that checkpoint"
+        )
+    start = latest or resume_from
+    if start is None:
+        return None
+    state = load_state(start)
+    changed = maths_changes(JobConfig.model_validate(state["config"]), config)
+    if changed and not allow_config_change:
+        raise CheckpointError(
+            f"the config differs from the one {start} was trained with in fields that change the training: "
+            f"{', '.join(changed)}; restore them, or pass --allow-config-change to continue with the new values"
+        )
+    return start
+
+
+def fit(
+    config: JobConfig, address: str | None = None, resume_from: str | None = None, allow_config_change: bool = False
+) -> dict[str, Any]:
     """Runs the job on a Ray cluster (a local one when ``address`` is None); returns the last
     reported metrics and the URL of the last checkpoint. Re-running with the same
-    ``run.storage_path`` and ``run.name`` resumes from that run's latest checkpoint."""
+    ``run.storage_path`` and ``run.name`` resumes from that run's latest checkpoint, with the
+    new config (fields that change the training only with ``allow_config_change``)."""
     import pyarrow.fs
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from rsk_dist.storage import filesystem, preflight
 
@@ -301,19 +413,22 @@ def fit(config: JobConfig, address: str | None = None, resume_from: str | None =
         if spec is not None and spec.kind == "shards":
             preflight(spec.url, need_index=True, split=spec.split)
     resume_from = local_absolute(resume_from) or config.run.resume_from
-    if resume_from:
-        load_state(resume_from)  # refuse a bad checkpoint before any worker starts
     preflight(config.run.storage_path, need_index=False, writable=True)
+    # Refuses a bad checkpoint or config change before any worker starts.
+    check_resume(config, resume_from, allow_config_change)
     fs, path = filesystem(config.run.storage_path)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    low, high = s.worker_range
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "resume_from": resume_from},
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        torch_config=_preemptible_torch_config("nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=low if low == high else (low, high), use_gpu=s.use_gpu, resources_per_worker=resources,
+        ),
         run_config=RunConfig(
             name=config.run.name,
             storage_path=path,

@@ -3,6 +3,7 @@ real SIGKILLs. A resumed job must end with the parameters of an uninterrupted on
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from rsk_dist.ingest import ingest  # noqa: E402
 from rsk_dist.storage import StorageError, filesystem, join  # noqa: E402
 from rsk_dist.train import evaluate_checkpoint, fit  # noqa: E402
 
-OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+# RSK_OMNIGLOT: where the zips are when the checkout is not beside shared/ (a git worktree)
+OMNIGLOT = Path(os.environ.get("RSK_OMNIGLOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"))
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -145,21 +147,68 @@ def test_sigkilled_worker_is_replaced_and_training_ends_as_uninterrupted(s3, omn
     assert_same_model(load_state(clean["checkpoint"]), load_state(join(storage, "worker-kill", "checkpoint_epoch_00003")))
 
 
-def test_killed_driver_rerun_resumes_and_ends_as_uninterrupted(s3, omniglot, uninterrupted, tmp_path):
+def printed_steps(output: str) -> list[int]:
+    """The global steps a run printed (rank 0 prints every step: log_every is 1), once per
+    worker process that ran them (Ray may forward a line twice)."""
+    pairs = set(re.findall(r"pid=(\d+)\S* \[rsk-dist\] epoch \d+/\d+ step (\d+)/", output))
+    return sorted(int(step) for _, step in pairs)
+
+
+def test_killed_driver_rerun_resumes_mid_epoch_and_ends_as_uninterrupted(s3, omniglot, uninterrupted, tmp_path):
     storage, clean = uninterrupted
-    cmd, env = driver(config(storage, "driver-kill", omniglot[0]), tmp_path)
+    cmd, env = driver(config(storage, "driver-kill", omniglot[0], checkpoint_every_steps=1), tmp_path)
+    log = tmp_path / "killed.log"
     # SIGKILL to the driver's whole session: driver, its raylet and its workers die at once.
-    job = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(join(storage, "driver-kill", "checkpoint_epoch_00001", "manifest.json"))
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+    with log.open("w") as out:
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # Step 3 of 6: mid-epoch (epoch 2, step 1).
+            wait_for(join(storage, "driver-kill", "checkpoint_epoch_00001_step_00001", "manifest.json"))
+        finally:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
     fs, root = filesystem(join(storage, "driver-kill"))
     assert not fs.exists(join(root, "checkpoint_epoch_00003")), "the driver was killed mid-run"
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_model(load_state(clean["checkpoint"]), load_state(join(storage, "driver-kill", "checkpoint_epoch_00003")))
+    before, after = printed_steps(log.read_text()), printed_steps(rerun.stdout + rerun.stderr)
+    assert 3 in before and after and after[-1] == 6
+    assert min(after) >= 4 - 1, "the re-run resumes within the epoch, not from its start"
+    assert len(set(before) & set(after)) <= 1, "at most checkpoint_every_steps steps are repeated"
+
+
+def test_sigterm_to_a_worker_checkpoints_that_step_and_the_retry_resumes_from_it(s3, omniglot, uninterrupted, tmp_path):
+    storage, clean = uninterrupted
+    # Checkpoints at the last epoch only: any other one is the preemption's.
+    cfg = config(storage, "preempted", omniglot[0], checkpoint_every=3, max_failures=1)
+    cmd, env = driver(cfg, tmp_path)
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        for line in job.stdout:
+            output.append(line)
+            if printed_steps(line):
+                break
+        victims = train_worker_pids(job.pid)
+        assert len(victims) == 2
+        os.kill(victims[-1], signal.SIGTERM)
+        output.append(job.communicate(timeout=600)[0])
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    out = "".join(output)
+    assert job.returncode == 0, out[-3000:]
+    fs, root = filesystem(join(storage, "preempted"))
+    fs.invalidate_cache()
+    kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root) if "checkpoint_epoch" in p)
+    assert len(kept) == 2 and kept[-1] == "checkpoint_epoch_00003", kept
+    preempted = load_state(join(storage, "preempted", kept[0]))
+    at = preempted["epoch"] * 2 + preempted["step"]
+    assert 2 <= at < 6, "the checkpoint of the step in which the notice came"
+    # Every step ran once: the retry went on from the preemption's step.
+    assert sorted(printed_steps(out)) == list(range(1, 7)), out[-3000:]
+    assert_same_model(load_state(clean["checkpoint"]), load_state(join(storage, "preempted", "checkpoint_epoch_00003")))
 
 
 def test_interrupted_upload_is_never_resumed_from(s3, omniglot, uninterrupted):

@@ -4,9 +4,13 @@ import torch
 
 import ray
 
-from rsk_dist.checkpoint import load_state  # noqa: E402
+import threading  # noqa: E402
+
+from rsk_dist.checkpoint import checkpoint_name, load_state  # noqa: E402
 from rsk_dist.config import load_config  # noqa: E402
+from rsk_dist.storage import join  # noqa: E402
 from rsk_dist.train import Trainer, fit  # noqa: E402
+from tests.test_faults import wait_for  # noqa: E402
 
 
 def job(tmp_path, workers: int, **overrides):
@@ -75,6 +79,56 @@ def test_workers_land_on_both_nodes_of_a_two_node_cluster(tmp_path):
         assert 0 <= result["recall@1"] <= 1
         workers = [a for a in list_actors(detail=True) if a["class_name"] == "RayTrainWorker"]
         assert {a["node_id"] for a in workers} == nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def assert_same_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+# Digits, no evaluation: one epoch of 3 steps with a checkpoint after each.
+STEPPED = {"data__eval": None, "train__epochs": 1, "train__steps_per_epoch": 3, "run__checkpoint_every_steps": 1,
+           "run__keep_checkpoints": 5, "run__max_failures": 2}
+
+
+def test_resume_on_other_worker_counts_ends_as_on_two(s3, tmp_path):
+    ray.init(num_cpus=3, include_dashboard=False)  # after s3: workers inherit its AWS_* environment
+    try:
+        storage = s3.url("resize")
+        clean = load_state(fit(job(tmp_path, 2, run__name="w2", run__storage_path=storage, **STEPPED))["checkpoint"])
+        middle = join(storage, "w2", checkpoint_name(0, 1))
+        # 40 images: shards of 40 (W=1) and of 14, 13, 13 (W=3)
+        for workers in (1, 3):
+            cfg = job(tmp_path, workers, run__name=f"from-w2-on-{workers}", run__storage_path=storage, **STEPPED)
+            result = fit(cfg, resume_from=middle)
+            assert result["workers"] == workers
+            assert_same_weights(clean["model"], load_state(result["checkpoint"])["model"])
+    finally:
+        ray.shutdown()
+
+
+def test_elastic_run_loses_a_node_and_ends_as_uninterrupted(s3, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        storage = s3.url("elastic")
+        cfg = job(tmp_path, [1, 2], run__name="elastic", run__storage_path=storage, **{**STEPPED, "train__epochs": 2})
+        outcome = {}
+        run = threading.Thread(target=lambda: outcome.update(fit(cfg)))
+        run.start()
+        wait_for(join(storage, "elastic", checkpoint_name(0, 1), "manifest.json"))
+        cluster.remove_node(second)
+        run.join(timeout=600)
+        assert outcome, "the elastic run did not finish"
+        assert outcome["workers"] == 1, "training went on with the one worker left"
+        trainer, _ = single_process(job(tmp_path, 1, **{**STEPPED, "train__epochs": 2}))
+        assert_same_weights(trainer.model.state_dict(), load_state(outcome["checkpoint"])["model"])
     finally:
         ray.shutdown()
         cluster.shutdown()
