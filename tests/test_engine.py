@@ -180,14 +180,19 @@ def test_float16_update_is_unscaled_and_equals_the_float32_update():
         torch.testing.assert_close(m, e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
 
 
-@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_float16_step_with_nonfinite_gradient_is_skipped_and_the_scale_drops(bad):
-    torch.manual_seed(5)
+def float16_setup(seed: int):
+    """A model, its batch, a GradScaler at 2^10 and an fp16 two-pass step; the initial parameters."""
+    torch.manual_seed(seed)
     model = Net(0.0, torch.float32)
     images, labels = data(torch.float32)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     step = LargeBatchStep(model, RecallAtKSurrogate(k=(1, 2)), 8, autocast_dtype=torch.float16, grad_scaler=scaler)
-    before = [p.detach().clone() for p in model.parameters()]
+    return model, images, labels, scaler, step, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_float16_step_with_nonfinite_gradient_is_skipped_and_the_scale_drops(bad):
+    model, images, labels, scaler, step, before = float16_setup(5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     step.step(images, labels)
     next(model.parameters()).grad[0, 0] = bad
@@ -209,12 +214,7 @@ def skip_worker(rank: int, world: int, port: int, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(6)
-        model = Net(0.0, torch.float32)
-        images, labels = data(torch.float32)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        step = LargeBatchStep(model, RecallAtKSurrogate(k=(1, 2)), 8, autocast_dtype=torch.float16, grad_scaler=scaler)
-        before = [p.detach().clone() for p in model.parameters()]
+        model, images, labels, scaler, step, before = float16_setup(6)
         step.step(images, labels)
         if rank == 0:
             next(model.parameters()).grad[0, 0] = float("inf")  # an overflow on one worker only
