@@ -2,6 +2,7 @@ import copy
 import pickle
 import subprocess
 import sys
+import urllib.request
 import warnings
 
 import pytest
@@ -275,6 +276,10 @@ def test_pretrained_true_without_network_names_the_fix(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen's module-wide opener reads the proxies once, when first built: let it be built
+    # (from these proxies) inside the test and dropped after it, or every later urlopen of the
+    # session (moto's admin calls, the Ray job server checks) would go to the closed port.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(RuntimeError) as info:
         build_model("resnet50", pretrained=True)
     message = str(info.value)

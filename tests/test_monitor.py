@@ -73,8 +73,11 @@ def test_run_leaves_tensorboard_events_and_a_plot(tmp_path):
     files = sorted((run / "tensorboard").glob("events.out.tfevents.*"))
     assert len(files) == 2, "one event file per checkpoint interval (checkpoint_every=1, 2 epochs)"
     tags = scalars(run / "tensorboard")
-    step_losses = [r["loss"] for r in reports if "images_per_s" in r]
-    assert tags["train/loss"] == pytest.approx(dict(zip([1, 2, 3, 4], step_losses)))
+    # Step metrics reach the monitor alone (reports carry checkpoints): each epoch's summary loss
+    # is the mean of its steps' logged losses.
+    assert set(tags["train/loss"]) == {1, 2, 3, 4}
+    losses = tags["train/loss"]
+    assert [h["loss"] for h in trainer.history] == pytest.approx([(losses[1] + losses[2]) / 2, (losses[3] + losses[4]) / 2])
     assert set(tags["train/lr"]) == {1, 2, 3, 4} and tags["train/images_per_s"][4] > 0
     assert {"time/step_s", "time/data_s", "time/embed_s", "time/backward_s"} <= set(tags)
     epochs = {h["step"]: h for h in trainer.history}
@@ -84,7 +87,7 @@ def test_run_leaves_tensorboard_events_and_a_plot(tmp_path):
     assert 0 < tags["eval/recall_at_1"][4] <= 1
     assert set(tags) == {
         "train/loss", "train/lr", "train/images_per_s", "eval/recall_at_1", "eval/recall_at_2", "eval/map_at_r",
-        "eval/r_precision", *(f"time/{t}_s" for t in ("data", "embed", "loss", "backward", "comm", "step")),
+        "eval/r_precision", *(f"time/{t}_s" for t in ("data", "data_wait", "embed", "loss", "backward", "comm", "step")),
     }
 
     png = (run / "training.png").read_bytes()

@@ -254,6 +254,7 @@ def test_exclude_classes_reaches_shards_from_the_config(tmp_path):
 def test_prefetch_of_six_steps_serves_every_step_after_the_first_across_epochs(tmp_path):
     from rsk_dist.config import load_config
     from rsk_dist.train import Trainer
+    from tests.test_monitor import scalars
 
     url = _jpeg_dataset(tmp_path, classes=4, per_class=6)
     config = load_config({
@@ -264,13 +265,14 @@ def test_prefetch_of_six_steps_serves_every_step_after_the_first_across_epochs(t
         "run": {"storage_path": f"file://{tmp_path}/runs"},
     })
     trainer = Trainer(config, torch.device("cpu"))
-    reported = []
-    trainer.run(lambda metrics, state: reported.append(metrics))
+    trainer.run(lambda metrics, state: None)
     source = trainer.train_data.source
     # Six ahead with five steps an epoch: the second epoch's steps are prefetched in the first.
     assert source.stats["prefetch_misses"] == 1 and source.stats["prefetch_hits"] == 9
-    steps = [m for m in reported if "data_wait_s" in m]
-    assert len(steps) == 10 and all(m["data_wait_s"] >= 0 and m["data_s"] > 0 for m in steps)
+    # Every step's wait and fetch time reach the monitor's TensorBoard events.
+    tags = scalars(tmp_path / "runs" / config.run.name / "tensorboard")
+    assert set(tags["time/data_wait_s"]) == set(range(1, 11)) and min(tags["time/data_wait_s"].values()) >= 0
+    assert set(tags["time/data_s"]) == set(range(1, 11)) and min(tags["time/data_s"].values()) > 0
 
 
 SHARED_CACHE_READER = """
