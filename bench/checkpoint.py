@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from bench.io import _start_moto  # noqa: E402
+from bench.io import start_moto  # noqa: E402
 from bench.measure import machine, table  # noqa: E402
 from rsk_dist.checkpoint import cpu_copy, load_state, write_checkpoint  # noqa: E402
 from rsk_dist.storage import filesystem  # noqa: E402
@@ -98,7 +98,8 @@ def main() -> None:
     args = parser.parse_args()
     state = resnet50_adam_state()
     size = sum(t.numel() * t.element_size() for t in _tensors(state)) / 2**20
-    proc, endpoint = _start_moto()
+    proc, port = start_moto()
+    endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT_URL=endpoint, AWS_EC2_METADATA_DISABLED="true",
