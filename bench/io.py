@@ -8,16 +8,19 @@ augments as the paper does: random resized crop to 224 and a horizontal flip.
 - baseline: a map-style Dataset that reads one local file per image with Pillow and applies
   torchvision's RandomResizedCrop(224), RandomHorizontalFlip, ToTensor and Normalize, through
   ``DataLoader`` with 1 and 2 worker processes: float32 batches.
-- ours: :class:`rsk_dist.data.shards.ShardSource` with 1 and 2 decoder threads, prefetching two
+- ours: :class:`rsk_dist.data.shards.ShardSource` with 1 and 2 decoder processes, prefetching two
   batches ahead as training does, from S3 behind a TCP proxy (written here) that holds every
   request for 30 ms before passing it on, and from local disk: uint8 batches; and from local
   disk with ``draft`` (JPEGs decoded at reduced size where the crop allows; off by default).
 
-    python bench/io.py [--images 2048] [--batches 3] [--latency-ms 30]
+    python bench/io.py [--images 2048] [--batches 4] [--latency-ms 30]
     python bench/io.py --train 12     # acceptance 2: a CPU training run from the slowed S3
 
-Each case runs in a fresh process (bench.measure.in_subprocess); ratios are ours / baseline at
-the same number of cores (decoder threads = DataLoader workers).
+Each case runs in a fresh process (bench.measure.in_subprocess) pinned to as many cores as it
+has decoders or DataLoader workers (``sched_setaffinity``, inherited by the processes it starts),
+so that "n decoders" means n cores; ratios are ours / baseline at the same number of cores. The
+moto server and the latency proxy are pinned to the cores the case does not use, where there
+are any (on 2 cores: at n = 1 only; at n = 2 they share the case's cores).
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ PER_CLASS = 16
 BATCH = 512
 SIZE = 224
 SHARD_BYTES = 1 << 20
+CORES = sorted(os.sched_getaffinity(0))
+PROXY_THREAD = 0  # the proxy's native thread id, to pin it beside moto
 
 
 # --------------------------------------------------------------------------- data
@@ -107,6 +112,8 @@ def start_proxy(target_port: int, latency_s: float) -> int:
         await asyncio.gather(pump(client_r, server_w, state, True), pump(server_r, client_w, state, False))
 
     async def main() -> None:
+        global PROXY_THREAD
+        PROXY_THREAD = threading.get_native_id()
         server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
         ready.append(server.sockets[0].getsockname()[1])
         started.set()
@@ -185,10 +192,16 @@ def run_baseline(root: str, workers: int, count: int) -> dict:
 
 
 def run_ours(url: str, decoders: int, count: int, draft: bool = False) -> dict:
+    from rsk_dist.data.decode import CHUNK
     from rsk_dist.data.shards import ShardSource
 
     src = ShardSource(url, "train", image_size=SIZE, train=True, decoders=decoders, max_pending=3, draft=draft)
     steps = batches(src.labels, count)
+    # The decoder processes start once in a run (the fork server imports the main module, here
+    # this script and torch, once): started before the clock, as the baseline's forked workers
+    # need no start.
+    src(np.arange(decoders * CHUNK))
+    requests = src.stats["requests"]
     t0 = time.perf_counter()
     for s, idx in enumerate(steps):
         for ahead in steps[s + 1 : s + 3]:  # as training prefetches, prefetch_steps = 2
@@ -198,7 +211,7 @@ def run_ours(url: str, decoders: int, count: int, draft: bool = False) -> dict:
     src.close()
     return {
         "images_per_s": BATCH * count / seconds, "bytes_per_image": images[0].nbytes,
-        "requests_per_batch": src.stats["requests"] / count,
+        "requests_per_batch": (src.stats["requests"] - requests) / count,
     }
 
 
@@ -229,13 +242,15 @@ def run_training(url: str, root: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2048)
-    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--latency-ms", type=float, default=30.0)
     parser.add_argument("--train", type=int, default=0, help="steps of a training run from the slowed S3 instead")
     parser.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         kind, where, n, count = args.case
+        os.sched_setaffinity(0, CORES[: int(n)])
+        torch.set_num_threads(int(n))  # as Ray sets OMP_NUM_THREADS to a worker's CPUs
         if kind == "baseline":
             result = run_baseline(where, int(n), int(count))
         elif kind == "train":
@@ -286,6 +301,9 @@ def main() -> None:
                 cases[("draft", n)] = ["ours-draft", f"file://{tmp}/shards", str(n)]
             results = {}
             for key, case in cases.items():
+                store_cores = CORES[key[1] :] or CORES
+                for pid in (moto.pid, PROXY_THREAD):
+                    os.sched_setaffinity(pid, store_cores)
                 cpu = store_cpu_s(moto.pid)
                 results[key] = in_subprocess(__file__, [*case, str(args.batches)])
                 results[key]["store_cpu_s"] = (store_cpu_s(moto.pid) - cpu) / args.batches

@@ -87,7 +87,11 @@ class DataConfig(Section):
     on_bad_sample: Literal["skip", "fail"] = "skip"
     prefetch_steps: int = Field(2, ge=0)
     read_concurrency: int = Field(64, ge=1)  # ranged reads in flight per worker (and S3 connections)
-    decoders: int | None = Field(None, ge=1)  # decoding threads per worker; None: scaling.cpus_per_worker
+    # Samples of a shard this close are read by one request: a request costs the worker about
+    # 2 ms of CPU (measured: docs/benchmarks.md) and waits a time to first byte in which the
+    # store could have sent about 1 MB more.
+    merge_gap: int = Field(1 << 20, ge=0)
+    decoders: int | None = Field(None, ge=1)  # decoder processes per worker; None: scaling.cpus_per_worker
     draft: bool = False  # JPEGs decoded at reduced size where the crop allows: faster, pixels differ
     cache_dir: str | None = None
     cache_max_bytes: int | None = Field(None, ge=0)  # shards kept in cache_dir; None: no limit
@@ -184,7 +188,7 @@ class JobConfig(Section):
 MATHS_SECTIONS = ("model", "loss", "data", "sampler", "optim")
 MATHS_FIELDS = ("train.steps_per_epoch", "train.autocast")
 NOT_MATHS = (
-    "data.eval", "data.prefetch_steps", "data.cache_dir", "data.cache_max_bytes", "data.read_concurrency",
+    "data.eval", "data.prefetch_steps", "data.cache_dir", "data.cache_max_bytes", "data.read_concurrency", "data.merge_gap",
     "data.decoders", "model.compile", "model.channels_last",
 )
 

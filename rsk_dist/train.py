@@ -43,7 +43,7 @@ def open_source(
     device: torch.device | str = "cpu", cpus: float | None = None,
 ) -> Feeder:
     """The source ``spec`` names, fed as float batches to ``device``; a streamed source decodes
-    with ``data.decoders`` threads, or one per CPU of ``cpus`` (None: all this process may use)."""
+    with ``data.decoders`` processes, or one per CPU of ``cpus`` (None: all this process may use)."""
     if spec.kind == "digits":
         source = digits_split(spec.split or "train")
     elif spec.kind == "zip":
@@ -54,7 +54,7 @@ def open_source(
         return Feeder(ShardSource(
             spec.url, split=spec.split, image_size=data.image_size, train=train and data.augment,
             in_channels=in_channels, on_bad_sample=data.on_bad_sample, cache_dir=data.cache_dir, seed=seed,
-            exclude_classes=spec.exclude_classes, read_concurrency=data.read_concurrency,
+            exclude_classes=spec.exclude_classes, read_concurrency=data.read_concurrency, merge_gap=data.merge_gap,
             decoders=data.decoders or (max(1, int(cpus)) if cpus else None),
             # this step's batch and prefetch_steps more (evaluation prefetches one chunk ahead)
             max_pending=max(2, data.prefetch_steps + 1), cache_max_bytes=data.cache_max_bytes, draft=data.draft,

@@ -18,3 +18,16 @@ def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (12, 10)) -
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def _kills_its_decoder(raw: bytes, sample: int, key: int) -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillsItsDecoder:
+    """An augmentation whose decoder process dies (as one killed by the OS would)."""
+
+    __call__ = staticmethod(_kills_its_decoder)

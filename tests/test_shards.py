@@ -235,6 +235,54 @@ def test_augmentation_is_identical_whatever_decoders_prefetch_depth_and_workers(
         assert torch.equal(run(decoders, depth, world), reference), (decoders, depth, world)
 
 
+def test_decoder_processes_give_the_in_process_augmentation_and_survive_a_kill(tmp_path):
+    import signal
+
+    from rsk_dist.data.decode import Decoder
+
+    url = _jpeg_dataset(tmp_path)
+    src = ShardSource(url, "train", image_size=16, train=True, seed=3, decoders=2)
+    idx = ClassBalancedSampler(src.labels, batch_size=24, samples_per_class=4, seed=0).shard(0, 0, 0, 1)
+    images, _ = src(idx, key=9)  # 3 chunks: both processes start
+    # Decoded in other processes, the pixels are what this process's own decoding gives.
+    for k, (raw, s) in enumerate(zip(src.read_bytes(idx), idx.tolist())):
+        assert torch.equal(images[k], torch.from_numpy(src.augment(raw, s, 9)).permute(2, 0, 1))
+    # Decoder processes killed between batches (as the OS does under memory pressure): they
+    # are started again and the next batches come out the same.
+    pids = Decoder.shared(2).pids
+    assert len(pids) == 2
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    src.prefetch(idx, key=9)
+    assert torch.equal(src(idx, key=9)[0], images)
+    assert torch.equal(src(idx, key=9)[0], images)
+    assert len(set(Decoder.shared(2).pids) - set(pids)) == 2
+    src.close()
+
+
+def test_a_decoder_process_that_dies_decoding_is_a_clear_error_and_is_replaced():
+    from rsk_dist.data.decode import Augment, Decoder, DecoderDied
+
+    from tests.images import KillsItsDecoder
+
+    decoder = Decoder(1)
+    with pytest.raises(DecoderDied, match="killed by signal 9.*out of memory.*data.decoders"):
+        decoder.submit(KillsItsDecoder(), 0, [(0, 0, b"")])[0].result(timeout=60)
+    [(pos, image)] = decoder.submit(Augment(1, 8, False, 0), 0, [(3, 0, image_bytes(1))])[0].result(timeout=60)
+    assert pos == 3 and image.shape == (8, 8, 1) and image.dtype == np.uint8
+    decoder.shutdown()
+    assert decoder.pids == []
+
+
+def test_decoder_processes_start_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, rsk_dist.data.decode; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_exclude_classes_reaches_shards_from_the_config(tmp_path):
     from rsk_dist.config import DataConfig
     from rsk_dist.train import open_source

@@ -5,11 +5,10 @@ A source in the sense of :mod:`rsk_dist.data.sources` over the shards and index 
 object, sorted by offset, and samples whose byte ranges touch or lie within ``merge_gap`` bytes
 of each other are read by one ranged read. All ranged reads of a batch are issued at once
 (fsspec's ``cat_ranges``; s3fs runs them on its event loop, ``read_concurrency`` at a time, over
-a connection pool of that size), and each image is then decoded and augmented by a pool of
-``decoders`` threads (Pillow releases the GIL while decoding and resizing; see
-docs/benchmarks.md for how far the threads scale). :meth:`ShardSource.prefetch` of later
-batches overlaps their reads and decoding with the current step; up to ``max_pending``
-prefetched batches are held.
+a connection pool of that size), and the images are then decoded and augmented by
+``decoders`` processes (:mod:`rsk_dist.data.decode`; threads did not scale, see
+docs/benchmarks.md). :meth:`ShardSource.prefetch` of later batches overlaps their reads and
+decoding with the current step; up to ``max_pending`` prefetched batches are held.
 
 Batches are uint8 (``N x C x H x W``, 0-255): 4x fewer bytes than float32. The consumer turns
 them into floats on its device with :attr:`ShardSource.mean` and :attr:`ShardSource.std`
@@ -31,7 +30,9 @@ its class in the split (a choice that depends on the sample alone, not on the ba
 number of workers), decoded with the bad sample's augmentation; it counts them
 (``bad_samples``, and the ids in ``bad_sample_ids``) and warns naming the sample. ``"fail"`` raises :class:`BadSampleError`
 naming the sample, its shard and byte range. A missing shard object, a short read or any read
-error raises :class:`ShardReadError`; nothing is ever filled in silently.
+error raises :class:`ShardReadError`; nothing is ever filled in silently. A decoder process that
+dies (killed by the OS) is replaced and its batch read and decoded again, once; a second loss
+raises :class:`rsk_dist.data.decode.DecoderDied`.
 
 ``cache_dir``: shard objects read from a remote store are also downloaded whole, in the
 background, to ``cache_dir/<dataset fingerprint>/shards/``, and read from there once complete
@@ -49,9 +50,7 @@ import contextlib
 import errno
 import fcntl
 import glob
-import io
 import logging
-import math
 import os
 import threading
 import time
@@ -66,6 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rsk_dist.data.decode import Augment, Decoder, DecoderDied, Undecodable
 from rsk_dist.storage import StorageError, explain_error, filesystem, is_local, join, open_dataset, redact
 
 log = logging.getLogger(__name__)
@@ -80,97 +80,6 @@ class BadSampleError(ValueError):
 
 class ShardReadError(OSError):
     """A shard object that is missing, short or unreadable."""
-
-
-# --------------------------------------------------------------------------- image functions
-
-
-def load_image(data: bytes | memoryview, in_channels: int, image_size: int, rng: np.random.Generator | None, draft: bool = False) -> Any:
-    """The encoded image decoded (greyscale for ``in_channels=1``, else RGB) and cropped to
-    ``image_size``: with ``rng``, a random resized crop and a horizontal flip with probability
-    1/2 (training); without, the shorter side resized to ``round(image_size * 256 / 224)`` and
-    the centre square (evaluation). The crop is drawn from the stored image's size, before
-    decoding, so ``draft`` (a JPEG decoded at 1/2, 1/4 or 1/8 scale where the crop keeps at
-    least ``image_size`` pixels a side) crops the same region, but its pixels differ slightly."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    width, height = img.size
-    box = crop_box(width, height, rng) if rng is not None else None
-    mode = "L" if in_channels == 1 else "RGB"
-    if draft:
-        scale = min(box[2:]) / image_size if box else min(width, height) / round(image_size * 256 / 224)
-        if scale >= 2:
-            img.draft(mode, (math.ceil(width / scale), math.ceil(height / scale)))
-    img.load()
-    img = img.convert(mode)
-    if box is None:
-        return centre_crop(img, image_size)
-    assert rng is not None
-    left, top, w, h = box
-    if img.size != (width, height):  # decoded at reduced size: the box in its pixels
-        fx, fy = img.width / width, img.height / height
-        left, top, w, h = left * fx, top * fy, w * fx, h * fy
-    out = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-    if rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return out
-
-
-def crop_box(
-    width: int,
-    height: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """``(left, top, w, h)`` of a random resized crop, torchvision's algorithm."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def centre_crop(img: Any, image_size: int) -> Any:
-    """The evaluation transform: shorter side to ``round(image_size * 256 / 224)``, centre
-    ``image_size`` square."""
-    from PIL import Image
-
-    short = int(round(image_size * 256 / 224))
-    w, h = img.size
-    if w <= h:
-        size = (short, int(short * h / w))
-    else:
-        size = (int(short * w / h), short)
-    if size != (w, h):
-        img = img.resize(size, Image.Resampling.BILINEAR)
-    w, h = img.size
-    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
-    return img.crop((left, top, left + image_size, top + image_size))
-
-
-def to_tensor(img: Any) -> Tensor:
-    """The image as uint8, ``H x W x C`` (a copy: Pillow's buffer is not kept). A batch is
-    stacked from ``permute(2, 0, 1)`` views of these, one copy into the batch layout."""
-    arr = np.array(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr)
 
 
 # A local write error that means the cache's disk cannot take more, not that one shard failed.
@@ -217,11 +126,6 @@ def evict(cache_dir: str, limit: int, need: int) -> None:
 
 
 @dataclass
-class _Bad:
-    error: str
-
-
-@dataclass
 class _Run:
     shard: int
     start: int
@@ -233,7 +137,8 @@ class _Run:
 class _Pending:
     key: int
     started: float  # perf_counter when the batch was asked for
-    tasks: Future  # -> [(position, future of (decoded image or _Bad, perf_counter when done))]
+    tasks: Future  # -> futures of decoded chunks (rsk_dist.data.decode.Decoded)
+    done: list[float]  # perf_counter when each chunk arrived
 
 
 class ShardSource:
@@ -245,9 +150,10 @@ class ShardSource:
     ``prefetch(indices, key)`` starts reading and decoding a later call's samples.
     ``exclude_classes``: class names (or their first path component) to leave out.
     ``merge_gap``: bytes between two samples of a shard below which they are read by one
-    request. ``read_concurrency``: ranged reads in flight at once. ``decoders``: decoding
-    threads (default: the CPUs this process may use). ``draft``: decode JPEGs at reduced size
-    where the crop allows (see :func:`load_image`; off by default: it changes pixels).
+    request. ``read_concurrency``: ranged reads in flight at once. ``decoders``: decoder
+    processes (default: one per CPU this process may use; shared by the process's sources of
+    that many, see :class:`rsk_dist.data.decode.Decoder`). ``draft``: decode JPEGs at reduced size
+    where the crop allows (see :func:`rsk_dist.data.decode.load_image`; off by default: it changes pixels).
     ``max_pending``: prefetched batches held
     (a caller that prefetches P steps ahead needs P + 1: the current step's and P more).
     ``last_fetch_s``: after a call, seconds from when its batch was asked for (prefetch or
@@ -267,7 +173,7 @@ class ShardSource:
         *,
         normalize: Literal["unit", "imagenet"] | None = None,
         exclude_classes: tuple[str, ...] = (),
-        merge_gap: int = 16 * 1024,
+        merge_gap: int = 1 << 20,
         read_concurrency: int = 64,
         decoders: int | None = None,
         max_pending: int = 3,
@@ -343,7 +249,6 @@ class ShardSource:
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
         self._read_pool: ThreadPoolExecutor | None = None
-        self._decode_pool: ThreadPoolExecutor | None = None
         self._cache_pool: ThreadPoolExecutor | None = None
         self._pending: collections.OrderedDict[tuple[int, ...], _Pending] = collections.OrderedDict()
         self._cache_started: set[str] = set()
@@ -351,7 +256,7 @@ class ShardSource:
         self._cache_off = False
         self._bad_known: set[int] = set()
 
-    _RUNTIME = ("_fs", "_lock", "_read_pool", "_decode_pool", "_cache_pool", "_pending", "_cache_started", "_cache_ok", "_cache_off", "_bad_known")
+    _RUNTIME = ("_fs", "_lock", "_read_pool", "_cache_pool", "_pending", "_cache_started", "_cache_ok", "_cache_off", "_bad_known")
 
     def __getstate__(self) -> dict[str, Any]:
         # Filesystems, pools and locks stay behind; a worker reopens the store from the URL
@@ -372,19 +277,19 @@ class ShardSource:
             self._fs, self._root = filesystem(self.url, pool=self.read_concurrency)
         return self._fs
 
-    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+    def _readers(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._read_pool is None:
                 # Two readers: one batch's reads may wait on the store while the next one's start.
                 self._read_pool = ThreadPoolExecutor(2, thread_name_prefix="shard-read")
-                self._decode_pool = ThreadPoolExecutor(self.decoders, thread_name_prefix="shard-decode")
-            return self._read_pool, self._decode_pool  # type: ignore[return-value]
+            return self._read_pool
 
     def close(self) -> None:
-        for pool in (self._read_pool, self._decode_pool, self._cache_pool):
+        """Stops this source's reading threads; the decoder processes are shared and stay."""
+        for pool in (self._read_pool, self._cache_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        self._read_pool = self._decode_pool = self._cache_pool = None
+        self._read_pool = self._cache_pool = None
         self._pending.clear()
 
     def __enter__(self) -> ShardSource:
@@ -566,19 +471,9 @@ class ShardSource:
                 runs.append(_Run(shard, off, end, [(pos, s)]))
         return runs
 
-    def _rng(self, key: int, sample: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, key, sample])
-
-    def _decode(self, raw: bytes | memoryview, sample: int, key: int) -> Tensor | _Bad:
-        rng = self._rng(key, sample) if self.train else None
-        try:
-            img = load_image(raw, self.in_channels, self.image_size, rng, self.draft)
-        except Exception as err:  # noqa: BLE001 - Pillow raises many types for a bad image
-            return _Bad(f"{type(err).__name__}: {err}")
-        return to_tensor(img)
-
-    def _decode_timed(self, raw: memoryview, sample: int, key: int) -> tuple[Tensor | _Bad, float]:
-        return self._decode(raw, sample, key), time.perf_counter()
+    @property
+    def augment(self) -> Augment:
+        return Augment(self.in_channels, self.image_size, self.train, self.seed, self.draft)
 
     def _read_samples(self, idx: np.ndarray) -> Iterator[tuple[int, int, memoryview]]:
         """``(position in idx, sample, its encoded bytes)`` for every sample, read run by run."""
@@ -589,10 +484,13 @@ class ShardSource:
                 a = int(self._offset[s]) - run.start
                 yield pos, s, view[a : a + int(self._length[s])]
 
-    def _fetch(self, idx: np.ndarray, key: int) -> list[tuple[int, Future]]:
-        """Reads the batch, then hands each image to the decoders."""
-        decoders = self._pools()[1]
-        return [(pos, decoders.submit(self._decode_timed, raw, s, key)) for pos, s, raw in self._read_samples(idx)]
+    def _fetch(self, idx: np.ndarray, key: int, done: list[float]) -> list[Future]:
+        """Reads the batch, then hands its images to the decoder processes."""
+        items = [(pos, s, bytes(raw)) for pos, s, raw in self._read_samples(idx)]
+        futures = Decoder.shared(self.decoders).submit(self.augment, key, items)
+        for future in futures:
+            future.add_done_callback(lambda _: done.append(time.perf_counter()))
+        return futures
 
     def _indices(self, indices: Tensor | np.ndarray | list[int]) -> np.ndarray:
         if isinstance(indices, Tensor):
@@ -603,7 +501,8 @@ class ShardSource:
         return idx
 
     def _submit(self, idx: np.ndarray, key: int) -> _Pending:
-        return _Pending(key, time.perf_counter(), self._pools()[0].submit(self._fetch, idx, key))
+        done: list[float] = []
+        return _Pending(key, time.perf_counter(), self._readers().submit(self._fetch, idx, key, done), done)
 
     def prefetch(self, indices: Tensor | np.ndarray | list[int], key: int = 0) -> None:
         """Starts reading and decoding these samples in the background, for a later call with
@@ -631,19 +530,26 @@ class ShardSource:
         with self._lock:
             self.stats["prefetch_hits" if pending is not None else "prefetch_misses"] += 1
         pending = pending or self._submit(idx, key)
-        results: list[Tensor | _Bad | None] = [None] * idx.size
-        finished = pending.started
-        for pos, future in pending.tasks.result():
-            results[pos], done = future.result()
-            finished = max(finished, done)
-        self.last_fetch_s = finished - pending.started
-        for pos, item in enumerate(results):
-            if isinstance(item, _Bad):
-                results[pos] = self._replace(int(idx[pos]), item, pending.key)
-        if not results:
-            return torch.empty(0, self.in_channels, self.image_size, self.image_size, dtype=torch.uint8), self.labels[:0]
-        images = torch.stack([t.permute(2, 0, 1) for t in results])  # type: ignore[union-attr]
+        try:
+            images = self._assemble(idx, pending)
+        except DecoderDied:
+            # A decoder process was lost, perhaps while idle between batches: the pool has
+            # been replaced, so the batch is read and decoded again, once.
+            pending = self._submit(idx, key)
+            images = self._assemble(idx, pending)
+        self.last_fetch_s = max(pending.done, default=pending.started) - pending.started
         return images, self.labels[torch.from_numpy(idx)]
+
+    def _assemble(self, idx: np.ndarray, pending: _Pending) -> Tensor:
+        # numpy copies on this thread alone: torch's intra-op threads would take (and spin on)
+        # the cores that the decoder processes need.
+        images = np.empty((idx.size, self.in_channels, self.image_size, self.image_size), dtype=np.uint8)
+        for future in pending.tasks.result():
+            for pos, item in future.result():
+                if isinstance(item, Undecodable):
+                    item = self._replace(int(idx[pos]), item, pending.key)
+                images[pos] = item.transpose(2, 0, 1)
+        return torch.from_numpy(images)
 
     # ---------------------------------------------------------------- bad samples
 
@@ -671,7 +577,7 @@ class ShardSource:
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _replace(self, s: int, bad: _Bad, key: int) -> Tensor:
+    def _replace(self, s: int, bad: Undecodable, key: int) -> np.ndarray:
         self._record_bad(s, bad.error)
         label = int(self.labels[s])
         members = torch.nonzero(self.labels == label).squeeze(1).tolist()
@@ -680,8 +586,8 @@ class ShardSource:
             c = members[(start + step) % len(members)]
             if c in self._bad_known:
                 continue
-            item = self._decode(self._read_sample(c), s, key)
-            if isinstance(item, Tensor):
+            item = self.augment(self._read_sample(c), s, key)
+            if not isinstance(item, Undecodable):
                 return item
             self._record_bad(c, item.error)
         raise BadSampleError(

@@ -1,0 +1,264 @@
+"""Decoding and augmenting encoded images, in decoder processes: :class:`Decoder`.
+
+Decoding a 500x375 JPEG and cropping it costs about 5 ms of CPU, so a 500-image shard of a
+global batch is seconds of work per step. Threads do not scale it (part of every image's work
+holds the GIL: 1.23x from 1 to 2 threads, see docs/benchmarks.md), so the work runs in
+processes: ``python -m rsk_dist.data.decode``, each fed chunks of images over a pipe by a thread
+of the training process. They are plain subprocesses, not multiprocessing's, so they never
+re-import the user's main script (multiprocessing's spawn and forkserver do, which runs an
+unguarded script again) and are not forked from a process full of threads. They import this
+module alone, which needs numpy and Pillow but not torch, and are shared by every source of the
+process that asks for the same number (a training worker's train and evaluation data).
+
+A sample's augmentation is drawn from ``(seed, key, sample index)`` alone, so its pixels do not
+depend on which process decodes it, or on how a batch is split into chunks.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+
+# Images per task: enough to make the hand-off over the pipe small against the decoding
+# (8 x 5 ms against well under 1 ms), few enough that a batch spreads over every process.
+CHUNK = 8
+
+
+def load_image(data: bytes | memoryview, in_channels: int, image_size: int, rng: np.random.Generator | None, draft: bool = False) -> Any:
+    """The encoded image decoded (greyscale for ``in_channels=1``, else RGB) and cropped to
+    ``image_size``: with ``rng``, a random resized crop and a horizontal flip with probability
+    1/2 (training); without, the shorter side resized to ``round(image_size * 256 / 224)`` and
+    the centre square (evaluation). The crop is drawn from the stored image's size, before
+    decoding, so ``draft`` (a JPEG decoded at 1/2, 1/4 or 1/8 scale where the crop keeps at
+    least ``image_size`` pixels a side) crops the same region, but its pixels differ slightly."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    box = crop_box(width, height, rng) if rng is not None else None
+    mode = "L" if in_channels == 1 else "RGB"
+    if draft:
+        scale = min(box[2:]) / image_size if box else min(width, height) / round(image_size * 256 / 224)
+        if scale >= 2:
+            img.draft(mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    img.load()
+    img = img.convert(mode)
+    if box is None:
+        return centre_crop(img, image_size)
+    assert rng is not None
+    left, top, w, h = box
+    if img.size != (width, height):  # decoded at reduced size: the box in its pixels
+        fx, fy = img.width / width, img.height / height
+        left, top, w, h = left * fx, top * fy, w * fx, h * fy
+    out = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
+
+
+def crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """``(left, top, w, h)`` of a random resized crop, torchvision's algorithm."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def centre_crop(img: Any, image_size: int) -> Any:
+    """The evaluation transform: shorter side to ``round(image_size * 256 / 224)``, centre
+    ``image_size`` square."""
+    from PIL import Image
+
+    short = int(round(image_size * 256 / 224))
+    w, h = img.size
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    if size != (w, h):
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    w, h = img.size
+    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
+    return img.crop((left, top, left + image_size, top + image_size))
+
+
+class Undecodable(NamedTuple):
+    """An image that could not be decoded, and why."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Augment:
+    """How a source decodes its images (see :func:`load_image`); called as
+    ``augment(encoded bytes, sample index, key)`` for ``H x W x C`` uint8 or
+    :class:`Undecodable`."""
+
+    in_channels: int
+    image_size: int
+    train: bool
+    seed: int
+    draft: bool = False
+
+    def __call__(self, raw: bytes | memoryview, sample: int, key: int) -> np.ndarray | Undecodable:
+        rng = np.random.default_rng([self.seed, key, sample]) if self.train else None
+        try:
+            img = load_image(raw, self.in_channels, self.image_size, rng, self.draft)
+        except Exception as err:  # noqa: BLE001 - Pillow raises many types for a bad image
+            return Undecodable(f"{type(err).__name__}: {err}")
+        arr = np.array(img, dtype=np.uint8)
+        return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+Item = tuple[int, int, bytes]  # (position in the batch, sample index, encoded bytes)
+Decoded = list[tuple[int, "np.ndarray | Undecodable"]]
+
+
+def decode_chunk(augment: Augment, key: int, items: list[Item]) -> Decoded:
+    """What a decoder process runs: the chunk's images, by position."""
+    return [(pos, augment(raw, sample, key)) for pos, sample, raw in items]
+
+
+class DecoderDied(RuntimeError):
+    """A decoder process ended while decoding (killed by the OS, out of memory)."""
+
+
+class Decoder:
+    """``processes`` decoder processes; :meth:`submit` hands them a batch's images in chunks.
+    :meth:`shared` gives this process's decoder of that size. Each process is started on first
+    use, and started again after it dies: a chunk it held fails with :class:`DecoderDied`."""
+
+    _shared: dict[int, Decoder] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, processes: int) -> None:
+        if processes < 1:
+            raise ValueError(f"decoder processes must be >= 1, got {processes}")
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._procs: list[subprocess.Popen | None] = [None] * processes
+        self._threads = [threading.Thread(target=self._serve, args=(i,), daemon=True, name=f"decoder-{i}") for i in range(processes)]
+        for thread in self._threads:
+            thread.start()
+
+    @classmethod
+    def shared(cls, processes: int) -> Decoder:
+        with cls._shared_lock:
+            if processes not in cls._shared:
+                cls._shared[processes] = cls(processes)
+            return cls._shared[processes]
+
+    @property
+    def pids(self) -> list[int]:
+        """The running decoder processes."""
+        return [p.pid for p in self._procs if p is not None and p.poll() is None]
+
+    def submit(self, augment: Augment, key: int, items: list[Item]) -> list[Future]:
+        """Futures of :data:`Decoded`, one per chunk of ``items``."""
+        futures = []
+        for i in range(0, len(items), CHUNK):
+            future: Future = Future()
+            self._tasks.put((future, (augment, key, items[i : i + CHUNK])))
+            futures.append(future)
+        return futures
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._tasks.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _start(self) -> subprocess.Popen:
+        # The child finds this package where this process does.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        return subprocess.Popen(
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=1 << 20
+        )
+
+    def _serve(self, slot: int) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, work = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._run(slot, work))
+            except BaseException as err:  # noqa: BLE001 - the future carries it to the batch
+                future.set_exception(err)
+        proc = self._procs[slot]
+        if proc is not None:
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait()
+
+    def _run(self, slot: int, work: tuple) -> Decoded:
+        proc = self._procs[slot]
+        if proc is None or proc.poll() is not None:  # first use, or died while idle: not this chunk's doing
+            proc = self._procs[slot] = self._start()
+        try:
+            pickle.dump(work, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()  # type: ignore[union-attr]
+            return pickle.load(proc.stdout)  # type: ignore[arg-type]
+        except (OSError, EOFError, pickle.UnpicklingError) as err:
+            proc.kill()
+            proc.wait()
+            self._procs[slot] = None
+            raise DecoderDied(
+                f"a decoder process ended while decoding a batch ({_ended(proc.returncode)}): give the "
+                "worker more memory, or fewer decoders (data.decoders)"
+            ) from err
+
+
+def _ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by signal {-code}; by the OS, most likely out of memory"
+    return f"exit status {code}"
+
+
+def serve(tasks: BinaryIO, results: BinaryIO) -> None:
+    """A decoder process: chunks in, decoded chunks out, until ``tasks`` ends."""
+    while True:
+        try:
+            augment, key, items = pickle.load(tasks)
+        except EOFError:
+            return
+        pickle.dump(decode_chunk(augment, key, items), results, protocol=pickle.HIGHEST_PROTOCOL)
+        results.flush()
+
+
+if __name__ == "__main__":
+    # The pipe to the parent is a private copy of stdout; stdout itself goes to stderr, so that
+    # nothing a library prints can corrupt a result.
+    from rsk_dist.data.decode import serve as serve_imported  # one copy of the module's classes
+
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    serve_imported(sys.stdin.buffer, out)
