@@ -230,9 +230,10 @@ def run_training(url: str, root: str, steps: int) -> dict:
         "run": {"storage_path": f"file://{root}/runs"},
     })
     trainer = Trainer(config, torch.device("cpu"))
-    reported: list[dict] = []
-    trainer.run(lambda metrics, state: reported.append(metrics))
-    per_step = [m for m in reported if "data_wait_s" in m]
+    per_step: list[dict] = []
+    log_step = trainer.monitor.log_step  # every step's metrics pass here (reports carry checkpoints)
+    trainer.monitor.log_step = lambda step, metrics: (per_step.append(dict(metrics)), log_step(step, metrics))
+    trainer.run(lambda metrics, state: None)
     return {"steps": [{k: m[k] for k in ("data_wait_s", "data_s", "step_s")} for m in per_step]}
 
 
@@ -249,8 +250,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.case:
         kind, where, n, count = args.case
-        os.sched_setaffinity(0, CORES[: int(n)])
-        torch.set_num_threads(int(n))  # as Ray sets OMP_NUM_THREADS to a worker's CPUs
+        if kind != "train":
+            os.sched_setaffinity(0, CORES[: int(n)])
+            torch.set_num_threads(int(n))  # as Ray sets OMP_NUM_THREADS to a worker's CPUs
         if kind == "baseline":
             result = run_baseline(where, int(n), int(count))
         elif kind == "train":
