@@ -6,15 +6,23 @@ sigmoid, and autograd keeping every intermediate of every query until backward.
 
     python bench/loss.py [--device cpu|cuda] [--sizes 400 1000 2000 4096 8192 16384]
                          [--simix-sizes 4096 8192 16384] [--naive-max 4096] [--repeats 2]
+                         [--growth-rounds 2]
 
 It also prints how the time of ours grows from the smallest to the largest N >= 4096, as the
-exponent e of N^e, with and without SiMix: at most 2 means no worse than N^2 at fixed P.
+exponent e of N^e, with and without SiMix: at most 2 means no worse than N^2 at fixed P. Those
+sizes run ``--growth-rounds`` more times, interleaved, and the fastest run of each counts: on a
+shared host the speed drifts by up to 2x between minutes, which a single run per size turns into
+a wrong exponent. The exponent is printed in seconds and in units of the host's speed: each
+run's seconds over those of a fixed reference (the loss's own matmul and sigmoid kernels,
+:func:`host_speed`) timed in the same process right after it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +31,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.measure import in_subprocess, machine, measure, table  # noqa: E402
-import math  # noqa: E402
 
 from rsk_dist.losses import DEFAULT_K, RecallAtKSurrogate, simix  # noqa: E402
 
@@ -68,7 +75,28 @@ def run_case(impl: str, n: int, use_simix: bool, device: str, repeats: int) -> d
             loss = naive_loss(*simix.mix(emb, labels, g)) if use_simix else naive_loss(emb, labels)
         loss.backward()
 
-    return measure(run, device, repeats=1 if impl == "naive" else repeats, warmup=impl == "ours" and repeats > 1)
+    result = measure(run, device, repeats=1 if impl == "naive" else repeats, warmup=impl == "ours" and repeats > 1)
+    # After, not before: its buffers, once freed, would hide part of the case's memory growth.
+    return {**result, "reference_s": host_speed(device)}
+
+
+def host_speed(device: str) -> float:
+    """Seconds of a fixed mix of the loss's own kernels (a 512-deep matmul and a sigmoid pass
+    over 2^22 elements), fastest of 5: the host's speed at this moment, to divide a case's time
+    by, since a shared host drifts by up to 2x between minutes."""
+    a, b = torch.randn(1024, 512, device=device), torch.randn(4096, 512, device=device)
+    x = torch.randn(2**22, device=device)
+    best = math.inf
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b.T
+        x.sigmoid()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def main() -> None:
@@ -78,6 +106,10 @@ def main() -> None:
     parser.add_argument("--simix-sizes", type=int, nargs="*", default=[4096, 8192, 16384])
     parser.add_argument("--naive-max", type=int, default=4096, help="largest N (with SiMix: samples) to run the naive form at")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (fastest counts); 1 also skips the warm-up")
+    parser.add_argument(
+        "--growth-rounds", type=int, default=2,
+        help="more runs of ours at N >= 4096, interleaved, for the growth exponent (fastest counts): a shared host's speed drifts between cases",
+    )
     parser.add_argument("--case", nargs=5, metavar=("IMPL", "N", "SIMIX", "DEVICE", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -92,7 +124,7 @@ def main() -> None:
         flag = "1" if use_simix else "0"
         ours = in_subprocess(__file__, ["ours", str(n), flag, args.device, str(args.repeats)])
         if "error" not in ours:
-            seconds[n, use_simix] = ours["seconds"]
+            seconds[n, use_simix] = (ours["seconds"], ours["reference_s"])
         naive = (
             in_subprocess(__file__, ["naive", str(n), flag, args.device, "1"])
             if n_ext <= args.naive_max
@@ -111,12 +143,26 @@ def main() -> None:
     print(table(
         ["N", "ours s", "ours MB", "naive s", "naive MB", "speed-up", "memory ratio"], rows
     ))
+    large = [case for case in seconds if case[0] >= 4096]
+    runs = {case: [seconds[case]] for case in large}
+    for r in range(args.growth_rounds):
+        for n, use_simix in large[::-1] if r % 2 == 0 else large:
+            again = in_subprocess(__file__, ["ours", str(n), "1" if use_simix else "0", args.device, "1"])
+            if "error" not in again:
+                runs[n, use_simix].append((again["seconds"], again["reference_s"]))
     for use_simix in (False, True):
-        grown = sorted(n for n, flag in seconds if flag == use_simix and n >= 4096)
+        grown = sorted(n for n, flag in runs if flag == use_simix)
         if len(grown) >= 2:
             lo, hi = grown[0], grown[-1]
-            exponent = math.log(seconds[hi, use_simix] / seconds[lo, use_simix]) / math.log(hi / lo)
-            print(f"\ntime of ours{' with SiMix' if use_simix else ''} from N = {lo} to {hi} grows as N^{exponent:.2f}")
+            raw = {n: min(t for t, _ in runs[n, use_simix]) for n in grown}
+            work = {n: min(t / ref for t, ref in runs[n, use_simix]) for n in grown}
+            print(
+                f"\ntime of ours{' with SiMix' if use_simix else ''} from N = {lo} to {hi} grows as "
+                f"N^{math.log(raw[hi] / raw[lo]) / math.log(hi / lo):.2f} in seconds and "
+                f"N^{math.log(work[hi] / work[lo]) / math.log(hi / lo):.2f} in units of the host's speed "
+                f"(fastest of {len(runs[lo, use_simix])} runs each; seconds / reference seconds: "
+                + "; ".join(f"N = {n}: " + ", ".join(f"{t:.2f}/{ref:.4f}" for t, ref in runs[n, use_simix]) for n in grown) + ")"
+            )
 
 
 if __name__ == "__main__":
