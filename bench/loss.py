@@ -11,7 +11,7 @@ sigmoid, and autograd keeping every intermediate of every query until backward.
 It also prints how the time of ours grows from the smallest to the largest N >= 4096, as the
 exponent e of N^e, with and without SiMix: at most 2 means no worse than N^2 at fixed P. Those
 sizes run ``--growth-rounds`` more times, interleaved, and the fastest run of each counts: on a
-shared host the speed drifts by up to 2x between minutes, which a single run per size turns into
+shared host the speed drifts by up to 1.6x between minutes, which a single run per size turns into
 a wrong exponent. The exponent is printed in seconds and in units of the host's speed: each
 run's seconds over those of a fixed reference (the loss's own matmul and sigmoid kernels,
 :func:`host_speed`) timed in the same process right after it.
