@@ -83,7 +83,7 @@ def run_case(impl: str, n: int, use_simix: bool, device: str, repeats: int) -> d
 def host_speed(device: str) -> float:
     """Seconds of a fixed mix of the loss's own kernels (a 512-deep matmul and a sigmoid pass
     over 2^22 elements), fastest of 5: the host's speed at this moment, to divide a case's time
-    by, since a shared host drifts by up to 2x between minutes."""
+    by, since a shared host drifts by up to 1.6x between minutes."""
     a, b = torch.randn(1024, 512, device=device), torch.randn(4096, 512, device=device)
     x = torch.randn(2**22, device=device)
     best = math.inf
