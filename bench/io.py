@@ -49,7 +49,6 @@ BATCH = 512
 SIZE = 224
 SHARD_BYTES = 1 << 20
 CORES = sorted(os.sched_getaffinity(0))
-PROXY_THREAD = 0  # the proxy's native thread id, to pin it beside moto
 
 
 # --------------------------------------------------------------------------- data
@@ -84,10 +83,11 @@ def batches(labels: torch.Tensor, count: int) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- the latency proxy
 
 
-def start_proxy(target_port: int, latency_s: float) -> int:
+def start_proxy(target_port: int, latency_s: float) -> tuple[int, int]:
     """A TCP proxy on 127.0.0.1 (a daemon thread with its own event loop) to ``target_port``
     that holds the first bytes of every request for ``latency_s``: a request starts when the
-    client sends after the server has answered (HTTP keep-alive reuses the connection)."""
+    client sends after the server has answered (HTTP keep-alive reuses the connection).
+    Returns its port and its thread's native id (to pin it to cores)."""
     ready: list[int] = []
     started = threading.Event()
 
@@ -112,17 +112,15 @@ def start_proxy(target_port: int, latency_s: float) -> int:
         await asyncio.gather(pump(client_r, server_w, state, True), pump(server_r, client_w, state, False))
 
     async def main() -> None:
-        global PROXY_THREAD
-        PROXY_THREAD = threading.get_native_id()
         server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
-        ready.append(server.sockets[0].getsockname()[1])
+        ready.extend((server.sockets[0].getsockname()[1], threading.get_native_id()))
         started.set()
         async with server:
             await server.serve_forever()
 
     threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
     started.wait(10)
-    return ready[0]
+    return ready[0], ready[1]
 
 
 def store_cpu_s(moto_pid: int) -> float:
@@ -197,9 +195,8 @@ def run_ours(url: str, decoders: int, count: int, draft: bool = False) -> dict:
 
     src = ShardSource(url, "train", image_size=SIZE, train=True, decoders=decoders, max_pending=3, draft=draft)
     steps = batches(src.labels, count)
-    # The decoder processes start once in a run (the fork server imports the main module, here
-    # this script and torch, once): started before the clock, as the baseline's forked workers
-    # need no start.
+    # The decoder processes start once in a run (each imports numpy and Pillow): started before
+    # the clock, as the baseline's forked workers need no start.
     src(np.arange(decoders * CHUNK))
     requests = src.stats["requests"]
     t0 = time.perf_counter()
@@ -267,7 +264,7 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     moto, port = start_moto()
-    proxy_port = start_proxy(port, args.latency_ms / 1000)
+    proxy_port, proxy_thread = start_proxy(port, args.latency_ms / 1000)
     saved = dict(os.environ)
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1",
@@ -304,7 +301,7 @@ def main() -> None:
             results = {}
             for key, case in cases.items():
                 store_cores = CORES[key[1] :] or CORES
-                for pid in (moto.pid, PROXY_THREAD):
+                for pid in (moto.pid, proxy_thread):
                     os.sched_setaffinity(pid, store_cores)
                 cpu = store_cpu_s(moto.pid)
                 results[key] = in_subprocess(__file__, [*case, str(args.batches)])

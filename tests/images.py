@@ -20,14 +20,11 @@ def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (12, 10)) -
     return buf.getvalue()
 
 
-def _kills_its_decoder(raw: bytes, sample: int, key: int) -> None:
-    import os
-    import signal
-
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 class KillsItsDecoder:
     """An augmentation whose decoder process dies (as one killed by the OS would)."""
 
-    __call__ = staticmethod(_kills_its_decoder)
+    def __call__(self, raw: bytes, sample: int, key: int) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

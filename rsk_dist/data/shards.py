@@ -533,8 +533,8 @@ class ShardSource:
         try:
             images = self._assemble(idx, pending)
         except DecoderDied:
-            # A decoder process was lost, perhaps while idle between batches: the pool has
-            # been replaced, so the batch is read and decoded again, once.
+            # A decoder process was lost while it held part of this batch (it is started again
+            # for the next chunk): the batch is read and decoded again, once.
             pending = self._submit(idx, key)
             images = self._assemble(idx, pending)
         self.last_fetch_s = max(pending.done, default=pending.started) - pending.started
@@ -543,12 +543,14 @@ class ShardSource:
     def _assemble(self, idx: np.ndarray, pending: _Pending) -> Tensor:
         # numpy copies on this thread alone: torch's intra-op threads would take (and spin on)
         # the cores that the decoder processes need.
+        # Every chunk first: a lost decoder raises before any bad sample is counted, so a batch
+        # decoded again counts its bad samples once.
+        decoded = [item for future in pending.tasks.result() for item in future.result()]
         images = np.empty((idx.size, self.in_channels, self.image_size, self.image_size), dtype=np.uint8)
-        for future in pending.tasks.result():
-            for pos, item in future.result():
-                if isinstance(item, Undecodable):
-                    item = self._replace(int(idx[pos]), item, pending.key)
-                images[pos] = item.transpose(2, 0, 1)
+        for pos, item in decoded:
+            if isinstance(item, Undecodable):
+                item = self._replace(int(idx[pos]), item, pending.key)
+            images[pos] = item.transpose(2, 0, 1)
         return torch.from_numpy(images)
 
     # ---------------------------------------------------------------- bad samples
