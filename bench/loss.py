@@ -6,7 +6,7 @@ sigmoid, and autograd keeping every intermediate of every query until backward.
 
     python bench/loss.py [--device cpu|cuda] [--sizes 400 1000 2000 4096 8192 16384]
                          [--simix-sizes 4096 8192 16384] [--naive-max 4096] [--repeats 2]
-                         [--growth-rounds 2]
+                         [--growth-rounds 2] [--floor-sizes 4096]
 
 It also prints how the time of ours grows from the smallest to the largest N >= 4096, as the
 exponent e of N^e, with and without SiMix: at most 2 means no worse than N^2 at fixed P. Those
@@ -15,6 +15,9 @@ shared host the speed drifts by up to 1.6x between minutes, which a single run p
 a wrong exponent. The exponent is printed in seconds and in units of the host's speed: each
 run's seconds over those of a fixed reference (the loss's own matmul and sigmoid kernels,
 :func:`host_speed`) timed in the same process right after it.
+
+Last, at each ``--floor-sizes`` N, ours with the floors that keep the CPU out of subnormal
+floats (recall.py) beside ours without them, on random and on trained-like embeddings.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.measure import in_subprocess, machine, measure, table  # noqa: E402
 
-from rsk_dist.losses import DEFAULT_K, RecallAtKSurrogate, simix  # noqa: E402
+from rsk_dist.losses import DEFAULT_K, RecallAtKSurrogate, recall, simix  # noqa: E402
 
 DIM, PER_CLASS = 512, 4
 
@@ -60,11 +63,24 @@ def naive_loss(emb: torch.Tensor, labels: torch.Tensor, tau1: float = 1.0, tau2:
     return torch.stack(per_query).mean()
 
 
-def run_case(impl: str, n: int, use_simix: bool, device: str, repeats: int) -> dict:
+def embeddings(n: int, kind: str, device: str) -> torch.Tensor:
+    """``random``: unit vectors (cosines near 0). ``trained``: each class's samples around a
+    centre, same-class cosine about 0.8 against about 0 across classes, as after training; most
+    sigmoid terms are then below 1e-35 (the CPU's subnormal range, see recall.py)."""
     torch.manual_seed(0)
+    x = torch.randn(n, DIM, device=device)
+    if kind == "trained":
+        x = 0.5 * x + torch.randn(n // PER_CLASS, DIM, device=device).repeat_interleave(PER_CLASS, 0)
+    return F.normalize(x, dim=1)
+
+
+def run_case(impl: str, n: int, use_simix: bool, device: str, repeats: int, kind: str, floors: bool) -> dict:
     labels = torch.arange(n // PER_CLASS, device=device).repeat_interleave(PER_CLASS)
-    emb = F.normalize(torch.randn(n, DIM, device=device), dim=1).requires_grad_()
+    emb = embeddings(n, kind, device).requires_grad_()
     ours = RecallAtKSurrogate(simix=use_simix)
+    if not floors:
+        # The previous loss: the clamp still runs, with no effect (one pass it did not make).
+        recall.SIGMOID_ARG_FLOOR, recall.RANK_GRAD_FLOOR = -math.inf, 0.0
 
     def run() -> None:
         emb.grad = None
@@ -110,11 +126,15 @@ def main() -> None:
         "--growth-rounds", type=int, default=2,
         help="more runs of ours at N >= 4096, interleaved, for the growth exponent (fastest counts): a shared host's speed drifts between cases",
     )
-    parser.add_argument("--case", nargs=5, metavar=("IMPL", "N", "SIMIX", "DEVICE", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--floor-sizes", type=int, nargs="*", default=[4096],
+        help="N to time ours with and without the subnormal floors, on random and on trained-like embeddings",
+    )
+    parser.add_argument("--case", nargs=7, metavar=("IMPL", "N", "SIMIX", "DEVICE", "REPEATS", "KIND", "FLOORS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        impl, n, use_simix, device, repeats = args.case
-        print(json.dumps(run_case(impl, int(n), use_simix == "1", device, int(repeats))))
+        impl, n, use_simix, device, repeats, kind, floors = args.case
+        print(json.dumps(run_case(impl, int(n), use_simix == "1", device, int(repeats), kind, floors == "1")))
         return
 
     cases = [(n, False) for n in args.sizes] + [(n, True) for n in args.simix_sizes]
@@ -122,11 +142,11 @@ def main() -> None:
     for n, use_simix in cases:
         n_ext = simix.mixing(torch.arange(n // PER_CLASS).repeat_interleave(PER_CLASS)).labels.numel() if use_simix else n
         flag = "1" if use_simix else "0"
-        ours = in_subprocess(__file__, ["ours", str(n), flag, args.device, str(args.repeats)])
+        ours = in_subprocess(__file__, ["ours", str(n), flag, args.device, str(args.repeats), "random", "1"])
         if "error" not in ours:
             seconds[n, use_simix] = (ours["seconds"], ours["reference_s"])
         naive = (
-            in_subprocess(__file__, ["naive", str(n), flag, args.device, "1"])
+            in_subprocess(__file__, ["naive", str(n), flag, args.device, "1", "random", "1"])
             if n_ext <= args.naive_max
             else {"error": "not run (too large)"}
         )
@@ -147,7 +167,7 @@ def main() -> None:
     runs = {case: [seconds[case]] for case in large}
     for r in range(args.growth_rounds):
         for n, use_simix in large[::-1] if r % 2 == 0 else large:
-            again = in_subprocess(__file__, ["ours", str(n), "1" if use_simix else "0", args.device, "1"])
+            again = in_subprocess(__file__, ["ours", str(n), "1" if use_simix else "0", args.device, "1", "random", "1"])
             if "error" not in again:
                 runs[n, use_simix].append((again["seconds"], again["reference_s"]))
     for use_simix in (False, True):
@@ -163,6 +183,20 @@ def main() -> None:
                 f"(fastest of {len(runs[lo, use_simix])} runs each; seconds / reference seconds: "
                 + "; ".join(f"N = {n}: " + ", ".join(f"{t:.2f}/{ref:.4f}" for t, ref in runs[n, use_simix]) for n in grown) + ")"
             )
+
+    floor_rows = []
+    for n in args.floor_sizes:
+        for use_simix in (False, True):
+            for kind in ("random", "trained"):
+                flag = "1" if use_simix else "0"
+                off, on = (in_subprocess(__file__, ["ours", str(n), flag, args.device, str(args.repeats), kind, f]) for f in "01")
+                row = [f"{n}" + (" + SiMix" if use_simix else ""), kind]
+                row += [r.get("error") or f"{r['seconds']:.3f}" for r in (off, on)]
+                row.append("-" if "error" in off or "error" in on else f"{off['seconds'] / on['seconds']:.1f}x")
+                floor_rows.append(row)
+    if floor_rows:
+        print("\nSubnormal floors (recall.py), ours without them beside ours with them:\n")
+        print(table(["N", "embeddings", "without floors s", "with floors s", "speed-up"], floor_rows))
 
 
 if __name__ == "__main__":
