@@ -6,15 +6,16 @@ sigmoid, and autograd keeping every intermediate of every query until backward.
 
     python bench/loss.py [--device cpu|cuda] [--sizes 400 1000 2000 4096 8192 16384]
                          [--simix-sizes 4096 8192 16384] [--naive-max 4096] [--repeats 2]
-                         [--growth-rounds 2] [--floor-sizes 4096]
+                         [--growth-rounds 3] [--floor-sizes 4096]
 
 It also prints how the time of ours grows from the smallest to the largest N >= 4096, as the
 exponent e of N^e, with and without SiMix: at most 2 means no worse than N^2 at fixed P. Those
 sizes run ``--growth-rounds`` more times, interleaved, and the fastest run of each counts: on a
-shared host the speed drifts by up to 1.6x between minutes, which a single run per size turns into
-a wrong exponent. The exponent is printed in seconds and in units of the host's speed: each
-run's seconds over those of a fixed reference (the loss's own matmul and sigmoid kernels,
-:func:`host_speed`) timed in the same process right after it.
+shared host the speed drifts by up to 1.6x between minutes. Each such run does the same work at
+every N, (largest N / N)^2 losses back to back timed as their mean, so that a short case cannot
+gain from catching the host in a fast second. The exponent is printed in seconds and in units of
+the host's speed: each run's seconds over those of a fixed reference (the loss's own matmul and
+sigmoid kernels, :func:`host_speed`) timed in the same process right after it.
 
 Last, at each ``--floor-sizes`` N, ours with the floors that keep the CPU out of subnormal
 floats (recall.py) beside ours without them, on random and on trained-like embeddings.
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--naive-max", type=int, default=4096, help="largest N (with SiMix: samples) to run the naive form at")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (fastest counts); 1 also skips the warm-up")
     parser.add_argument(
-        "--growth-rounds", type=int, default=2,
+        "--growth-rounds", type=int, default=3,
         help="more runs of ours at N >= 4096, interleaved, for the growth exponent (fastest counts): a shared host's speed drifts between cases",
     )
     parser.add_argument(
@@ -164,14 +165,17 @@ def main() -> None:
         ["N", "ours s", "ours MB", "naive s", "naive MB", "speed-up", "memory ratio"], rows
     ))
     large = [case for case in seconds if case[0] >= 4096]
-    runs = {case: [seconds[case]] for case in large}
+    largest = {flag: max(n for n, f in large if f == flag) for _, flag in large}
+    runs: dict[tuple[int, bool], list[tuple[float, float]]] = {case: [] for case in large}
     for r in range(args.growth_rounds):
         for n, use_simix in large[::-1] if r % 2 == 0 else large:
-            again = in_subprocess(__file__, ["ours", str(n), "1" if use_simix else "0", args.device, "1", "random", "1"])
+            # The same work at every N: (largest / N)^2 losses back to back, timed as their mean.
+            repeats = round((largest[use_simix] / n) ** 2)
+            again = in_subprocess(__file__, ["ours", str(n), "1" if use_simix else "0", args.device, str(repeats), "random", "1"])
             if "error" not in again:
-                runs[n, use_simix].append((again["seconds"], again["reference_s"]))
+                runs[n, use_simix].append((again["mean_seconds"], again["reference_s"]))
     for use_simix in (False, True):
-        grown = sorted(n for n, flag in runs if flag == use_simix)
+        grown = sorted(n for n, flag in runs if flag == use_simix and runs[n, flag])
         if len(grown) >= 2:
             lo, hi = grown[0], grown[-1]
             raw = {n: min(t for t, _ in runs[n, use_simix]) for n in grown}
@@ -180,10 +184,9 @@ def main() -> None:
                 f"\ntime of ours{' with SiMix' if use_simix else ''} from N = {lo} to {hi} grows as "
                 f"N^{math.log(raw[hi] / raw[lo]) / math.log(hi / lo):.2f} in seconds and "
                 f"N^{math.log(work[hi] / work[lo]) / math.log(hi / lo):.2f} in units of the host's speed "
-                f"(fastest of {len(runs[lo, use_simix])} runs each; seconds / reference seconds: "
-                + "; ".join(f"N = {n}: " + ", ".join(f"{t:.2f}/{ref:.4f}" for t, ref in runs[n, use_simix]) for n in grown) + ")"
+                f"(fastest of {len(runs[lo, use_simix])} runs each; seconds per loss / reference seconds: "
+                + "; ".join(f"N = {n}: " + ", ".join(f"{t:.3f}/{ref:.4f}" for t, ref in runs[n, use_simix]) for n in grown) + ")"
             )
-
     floor_rows = []
     for n in args.floor_sizes:
         for use_simix in (False, True):

@@ -27,9 +27,9 @@ def peak_rss_bytes() -> int:
 
 
 def measure(run: Callable[[], None], device: str, repeats: int = 2, warmup: bool = True) -> dict[str, float]:
-    """Seconds of the fastest of ``repeats`` runs (after one warm-up run unless ``warmup`` is
-    False: for slow baselines whose first-call overhead is negligible) and peak memory growth
-    over the memory held before the first run."""
+    """Seconds of the fastest of ``repeats`` runs and their mean (after one warm-up run unless
+    ``warmup`` is False: for slow baselines whose first-call overhead is negligible), and peak
+    memory growth over the memory held before the first run."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -46,7 +46,7 @@ def measure(run: Callable[[], None], device: str, repeats: int = 2, warmup: bool
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
-    return {"seconds": min(times), "peak_growth_mb": (peak - base) / 2**20}
+    return {"seconds": min(times), "mean_seconds": sum(times) / len(times), "peak_growth_mb": (peak - base) / 2**20}
 
 
 def in_subprocess(script: str, args: list[str], timeout: float = 1800) -> dict:
