@@ -15,7 +15,7 @@ shared host the speed drifts by up to 1.6x between minutes. Each such run does t
 every N, (largest N / N)^2 losses back to back timed as their mean, so that a short case cannot
 gain from catching the host in a fast second. The exponent is printed in seconds and in units of
 the host's speed: each run's seconds over those of a fixed reference (the loss's own matmul and
-sigmoid kernels, :func:`host_speed`) timed in the same process right after it.
+sigmoid kernels, :func:`host_speed`) timed for 2 s in the same process right after it.
 
 Last, at each ``--floor-sizes`` N, ours with the floors that keep the CPU out of subnormal
 floats (recall.py) beside ours without them, on random and on trained-like embeddings.
@@ -97,23 +97,21 @@ def run_case(impl: str, n: int, use_simix: bool, device: str, repeats: int, kind
     return {**result, "reference_s": host_speed(device)}
 
 
-def host_speed(device: str) -> float:
-    """Seconds of a fixed mix of the loss's own kernels (a 512-deep matmul and a sigmoid pass
-    over 2^22 elements), fastest of 5: the host's speed at this moment, to divide a case's time
-    by, since a shared host drifts by up to 1.6x between minutes."""
+def host_speed(device: str, seconds: float = 2.0) -> float:
+    """Mean seconds of a fixed mix of the loss's own kernels (a 512-deep matmul and a sigmoid
+    pass over 2^22 elements), repeated for ``seconds``: the host's speed around this moment, to
+    divide a case's time by, since a shared host drifts by up to 1.6x between minutes. A mean
+    over seconds, not the fastest of a few runs, which varied 1.9x from case to case."""
     a, b = torch.randn(1024, 512, device=device), torch.randn(4096, 512, device=device)
     x = torch.randn(2**22, device=device)
-    best = math.inf
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
         a @ b.T
         x.sigmoid()
         if device == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        runs += 1
+    return (time.perf_counter() - start) / runs
 
 
 def main() -> None:
