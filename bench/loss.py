@@ -137,13 +137,13 @@ def main() -> None:
         return
 
     cases = [(n, False) for n in args.sizes] + [(n, True) for n in args.simix_sizes]
-    rows, seconds = [], {}
+    rows, ran = [], []
     for n, use_simix in cases:
         n_ext = simix.mixing(torch.arange(n // PER_CLASS).repeat_interleave(PER_CLASS)).labels.numel() if use_simix else n
         flag = "1" if use_simix else "0"
         ours = in_subprocess(__file__, ["ours", str(n), flag, args.device, str(args.repeats), "random", "1"])
         if "error" not in ours:
-            seconds[n, use_simix] = (ours["seconds"], ours["reference_s"])
+            ran.append((n, use_simix))
         naive = (
             in_subprocess(__file__, ["naive", str(n), flag, args.device, "1", "random", "1"])
             if n_ext <= args.naive_max
@@ -162,7 +162,7 @@ def main() -> None:
     print(table(
         ["N", "ours s", "ours MB", "naive s", "naive MB", "speed-up", "memory ratio"], rows
     ))
-    large = [case for case in seconds if case[0] >= 4096]
+    large = [case for case in ran if case[0] >= 4096]
     largest = {flag: max(n for n, f in large if f == flag) for _, flag in large}
     runs: dict[tuple[int, bool], list[tuple[float, float]]] = {case: [] for case in large}
     for r in range(args.growth_rounds):
@@ -188,8 +188,8 @@ def main() -> None:
     floor_rows = []
     for n in args.floor_sizes:
         for use_simix in (False, True):
+            flag = "1" if use_simix else "0"
             for kind in ("random", "trained"):
-                flag = "1" if use_simix else "0"
                 off, on = (in_subprocess(__file__, ["ours", str(n), flag, args.device, str(args.repeats), kind, f]) for f in "01")
                 row = [f"{n}" + (" + SiMix" if use_simix else ""), kind]
                 row += [r.get("error") or f"{r['seconds']:.3f}" for r in (off, on)]

@@ -59,7 +59,7 @@ def test_matches_naive_reference_float32(rank_includes_query):
     # this also checks that the floors leave the loss and its gradient exact in float32.
     labels, sim = torch.tensor(LABELS), emb @ emb.T
     positive = (labels[:, None] == labels[None]) & ~torch.eye(len(LABELS), dtype=torch.bool)
-    args = (sim[:, None, :] - sim[:, :, None]) / 0.01  # [q, x, z]
+    args = (sim[:, None, :] - sim[:, :, None]) / loss.tau2  # [q, x, z]
     assert (args[positive] < recall.SIGMOID_ARG_FLOOR).float().mean() > 0.5
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(our_grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
