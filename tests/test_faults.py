@@ -205,7 +205,9 @@ def test_sigterm_to_a_worker_checkpoints_that_step_and_the_retry_resumes_from_it
     assert len(kept) == 2 and kept[-1] == "checkpoint_epoch_00003", kept
     preempted = load_state(join(storage, "preempted", kept[0]))
     at = preempted["epoch"] * 2 + preempted["step"]
-    assert 2 <= at < 6, "the checkpoint of the step in which the notice came"
+    # The notice lands after rank 0 printed step 1: before the victim's own check at the end of
+    # step 1 (that step is checkpointed) or during a later step (that one is).
+    assert 1 <= at < 6, "the checkpoint of the step in which the notice came"
     # Every step ran once: the retry went on from the preemption's step.
     assert sorted(printed_steps(out)) == list(range(1, 7)), out[-3000:]
     assert_same_model(load_state(clean["checkpoint"]), load_state(join(storage, "preempted", "checkpoint_epoch_00003")))
