@@ -39,17 +39,19 @@ class Mixing:
         # index_select, not x[i]: its backward is index_add_, not a sort-based index_put_.
         return torch.lerp(x.index_select(0, j), x.index_select(0, i), a.to(x.dtype).unsqueeze(1))
 
-    def columns(self, x: Tensor) -> Tensor:
-        """``x A^T``: mixes the columns of ``x`` (indexed by real samples)."""
-        a = self.weight.to(x.dtype)
-        return torch.lerp(x.index_select(1, self.second), x.index_select(1, self.first), a)
+    def columns(self, x: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
+        """``x A^T`` into ``out``: mixes the columns of ``x`` (indexed by real samples). ``out`` and
+        ``tmp`` are len(x) x N_ext buffers that the caller reuses (fresh ones cost page faults)."""
+        torch.index_select(x, 1, self.second, out=out)
+        torch.index_select(x, 1, self.first, out=tmp)
+        return out.lerp_(tmp, self.weight.to(x.dtype))
 
-    def columns_adjoint(self, g: Tensor) -> Tensor:
-        """``g A``: the gradient of :meth:`columns` with respect to its input."""
+    def columns_adjoint(self, g: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
+        """``g A`` into ``out`` (len(g) x N_real): the gradient of :meth:`columns` with respect to
+        its input. ``tmp`` is a buffer shaped like ``g``."""
         a = self.weight.to(g.dtype)
-        out = g.new_zeros(g.shape[0], self.num_real)
-        out.index_add_(1, self.first, g * a)
-        return out.index_add_(1, self.second, g * (1 - a))
+        out.zero_().index_add_(1, self.first, torch.mul(g, a, out=tmp))
+        return out.index_add_(1, self.second, torch.mul(g, 1 - a, out=tmp))
 
     def add_rows_adjoint(self, out: Tensor, rows: Tensor, g: Tensor) -> None:
         """Adds to ``out`` the gradient of ``self.rows(x, rows)`` for an upstream ``g``."""
