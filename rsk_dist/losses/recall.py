@@ -24,9 +24,11 @@ DEFAULT_CHUNK_ELEMENTS = 2**22
 # Queries per similarity block. Each block reads the N x d embeddings (and updates their
 # gradient) three times, so a block that shrank like 1/N would make the loss time grow as N^3;
 # at least MIN_BLOCK_QUERIES keeps it N^2 P, at the price of block buffers of
-# MIN_BLOCK_QUERIES x N, which grow with N like the N x d embeddings themselves.
+# MIN_BLOCK_QUERIES x N, which grow with N like the N x d embeddings themselves. With 128, that
+# streaming was already 15% of the loss at N = 16384 + SiMix (204 queries a block, d = 512):
+# 512 took it from 32-36 s to 29-30 s there, for 170 MB more buffers.
 BLOCK_ELEMENTS = 2**23
-MIN_BLOCK_QUERIES = 128
+MIN_BLOCK_QUERIES = 512
 # On x86 CPUs an operation that reads or yields a subnormal float32 (below 1.2e-38) takes a
 # microcode assist, ~100x a normal one. Trained embeddings put most (query, positive) rows there:
 # s_qx - s_qz = 0.8 gives sigmoid(-80) = 2e-35, whose square in sigmoid' is subnormal, and the
