@@ -6,16 +6,16 @@ sigmoid, and autograd keeping every intermediate of every query until backward.
 
     python bench/loss.py [--device cpu|cuda] [--sizes 400 1000 2000 4096 8192 16384]
                          [--simix-sizes 4096 8192 16384] [--naive-max 4096] [--repeats 2]
-                         [--growth-rounds 3] [--floor-sizes 4096]
+                         [--growth-rounds 5] [--floor-sizes 4096]
 
 It also prints how the time of ours grows from the smallest to the largest N >= 4096, as the
-exponent e of N^e, with and without SiMix: at most 2 means no worse than N^2 at fixed P. Those
-sizes run ``--growth-rounds`` more times, interleaved, and the fastest run of each counts: on a
-shared host the speed drifts by up to 1.6x between minutes. Each such run does the same work at
-every N, (largest N / N)^2 losses back to back timed as their mean, so that a short case cannot
-gain from catching the host in a fast second. The exponent is printed in seconds and in units of
-the host's speed: each run's seconds over those of a fixed reference (the loss's own matmul and
-sigmoid kernels, :func:`host_speed`) timed for 2 s in the same process right after it.
+exponent e of N^e, with and without SiMix: at most 2 means no worse than N^2 at fixed P. On a
+shared host the speed drifts by up to 1.6x between minutes, so those sizes run
+``--growth-rounds`` more times in rounds, each round one run per size, in alternating order.
+Each run does the same work at every N, (largest N / N)^2 losses back to back timed as their
+mean, so that a short case cannot gain from catching the host in a fast second. Each round gives
+an exponent from its own runs, minutes apart at most; their median is the one printed first,
+then the exponent of each size's fastest run.
 
 Last, at each ``--floor-sizes`` N, ours with the floors that keep the CPU out of subnormal
 floats (recall.py) beside ours without them, on random and on trained-like embeddings.
@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -92,26 +92,7 @@ def run_case(impl: str, n: int, use_simix: bool, device: str, repeats: int, kind
             loss = naive_loss(*simix.mix(emb, labels, g)) if use_simix else naive_loss(emb, labels)
         loss.backward()
 
-    result = measure(run, device, repeats=1 if impl == "naive" else repeats, warmup=impl == "ours" and repeats > 1)
-    # After, not before: its buffers, once freed, would hide part of the case's memory growth.
-    return {**result, "reference_s": host_speed(device)}
-
-
-def host_speed(device: str, seconds: float = 2.0) -> float:
-    """Mean seconds of a fixed mix of the loss's own kernels (a 512-deep matmul and a sigmoid
-    pass over 2^22 elements), repeated for ``seconds``: the host's speed around this moment, to
-    divide a case's time by, since a shared host drifts by up to 1.6x between minutes. A mean
-    over seconds, not the fastest of a few runs, which varied 1.9x from case to case."""
-    a, b = torch.randn(1024, 512, device=device), torch.randn(4096, 512, device=device)
-    x = torch.randn(2**22, device=device)
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b.T
-        x.sigmoid()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        runs += 1
-    return (time.perf_counter() - start) / runs
+    return measure(run, device, repeats=1 if impl == "naive" else repeats, warmup=impl == "ours" and repeats > 1)
 
 
 def main() -> None:
@@ -122,8 +103,8 @@ def main() -> None:
     parser.add_argument("--naive-max", type=int, default=4096, help="largest N (with SiMix: samples) to run the naive form at")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (fastest counts); 1 also skips the warm-up")
     parser.add_argument(
-        "--growth-rounds", type=int, default=3,
-        help="more runs of ours at N >= 4096, interleaved, for the growth exponent (fastest counts): a shared host's speed drifts between cases",
+        "--growth-rounds", type=int, default=5,
+        help="rounds of runs of ours at N >= 4096 for the growth exponent (the rounds' median counts): a shared host's speed drifts between cases",
     )
     parser.add_argument(
         "--floor-sizes", type=int, nargs="*", default=[4096],
@@ -164,27 +145,31 @@ def main() -> None:
     ))
     large = [case for case in ran if case[0] >= 4096]
     largest = {flag: max(n for n, f in large if f == flag) for _, flag in large}
-    runs: dict[tuple[int, bool], list[tuple[float, float]]] = {case: [] for case in large}
+    runs: dict[tuple[int, bool], list[float]] = {case: [] for case in large}
     for r in range(args.growth_rounds):
         for n, use_simix in large[::-1] if r % 2 == 0 else large:
             # The same work at every N: (largest / N)^2 losses back to back, timed as their mean.
             repeats = round((largest[use_simix] / n) ** 2)
             again = in_subprocess(__file__, ["ours", str(n), "1" if use_simix else "0", args.device, str(repeats), "random", "1"])
-            if "error" not in again:
-                runs[n, use_simix].append((again["mean_seconds"], again["reference_s"]))
+            # A failed run leaves a gap that keeps the rounds aligned.
+            runs[n, use_simix].append(math.nan if "error" in again else again["mean_seconds"])
     for use_simix in (False, True):
-        grown = sorted(n for n, flag in runs if flag == use_simix and runs[n, flag])
-        if len(grown) >= 2:
-            lo, hi = grown[0], grown[-1]
-            raw = {n: min(t for t, _ in runs[n, use_simix]) for n in grown}
-            work = {n: min(t / ref for t, ref in runs[n, use_simix]) for n in grown}
-            print(
-                f"\ntime of ours{' with SiMix' if use_simix else ''} from N = {lo} to {hi} grows as "
-                f"N^{math.log(raw[hi] / raw[lo]) / math.log(hi / lo):.2f} in seconds and "
-                f"N^{math.log(work[hi] / work[lo]) / math.log(hi / lo):.2f} in units of the host's speed "
-                f"(fastest of {len(runs[lo, use_simix])} runs each; seconds per loss / reference seconds: "
-                + "; ".join(f"N = {n}: " + ", ".join(f"{t:.3f}/{ref:.4f}" for t, ref in runs[n, use_simix]) for n in grown) + ")"
-            )
+        grown = sorted(n for n, flag in runs if flag == use_simix)
+        if len(grown) < 2 or not args.growth_rounds:
+            continue
+        lo, hi = grown[0], grown[-1]
+
+        def exponent(t_lo: float, t_hi: float) -> float:
+            return math.log(t_hi / t_lo) / math.log(hi / lo)
+
+        per_round = [e for e in map(exponent, runs[lo, use_simix], runs[hi, use_simix]) if not math.isnan(e)]
+        fastest = exponent(*(min((t for t in runs[n, use_simix] if not math.isnan(t)), default=math.nan) for n in (lo, hi)))
+        print(
+            f"\ntime of ours{' with SiMix' if use_simix else ''} from N = {lo} to {hi} grows as "
+            f"N^{statistics.median(per_round) if per_round else math.nan:.2f}, the median of the rounds' "
+            f"N^{', N^'.join(f'{e:.2f}' for e in per_round)} (fastest runs: N^{fastest:.2f}); seconds per loss: "
+            + "; ".join(f"N = {n}: " + ", ".join(f"{t:.3f}" for t in runs[n, use_simix]) for n in grown)
+        )
     floor_rows = []
     for n in args.floor_sizes:
         for use_simix in (False, True):
