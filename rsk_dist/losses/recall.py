@@ -4,8 +4,9 @@ For query ``q`` and positive ``x``, the surrogate rank ``r_q(x) = 1 + sum_z sigm
 s_qx) / tau2)`` sums over all N samples, so the loss touches O(N^2 * P) terms. Autograd
 through that would keep every term; instead :class:`_RecallSurrogateFunction` walks over
 chunks of queries, computes their similarity rows from the embeddings and, when a gradient is
-wanted, the analytic gradient in the same pass. Extra memory is one chunk of ``chunk x P x N``
-terms plus the N x d embedding gradient: no N x N matrix is ever held.
+wanted, the analytic gradient in the same pass. Extra memory is a few block buffers of
+``queries x N`` similarities, one sub-chunk of ``chunk x P x N`` terms and the N x d embedding
+gradient: no N x N matrix is ever held.
 """
 from __future__ import annotations
 
