@@ -1,7 +1,6 @@
 """Training used by the distributed tests: importable, so that spawned processes can run it."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -54,14 +53,14 @@ def train(mode: str, simix: bool, steps: int = 3) -> tuple[list[torch.Tensor], l
     return initial, [p.detach().clone() for p in model.parameters()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def init_group(rank: int, world: int, out_dir: str) -> None:
+    """gloo over a rendezvous file in the test's own directory: a free TCP port picked by the
+    parent could be taken by another process before the workers bind it."""
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
 
 
-def run_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def run_worker(rank: int, world: int, out_dir: str) -> None:
+    init_group(rank, world, out_dir)
     try:
         for mode, simix in CONFIGS:
             _, final = train(mode, simix)
@@ -70,10 +69,10 @@ def run_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_refusal_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def run_refusal_worker(rank: int, world: int, out_dir: str) -> None:
     """Writes the errors GlobalBatchLoss gives for SiMix without a generator and for shards
     that do not follow shard_bounds."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_group(rank, world, out_dir)
     errors = []
     try:
         loss = GlobalBatchLoss(RecallAtKSurrogate(simix=True))
@@ -97,10 +96,10 @@ def eval_model() -> tuple[nn.Module, MemorySource]:
     return build_model("small_cnn", dim=32, in_channels=1), digits_split("test")
 
 
-def run_eval_worker(rank: int, world: int, port: int, out_dir: str, chunk: int) -> None:
+def run_eval_worker(rank: int, world: int, out_dir: str, chunk: int) -> None:
     from rsk_dist.evaluate import embed_source, evaluate
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_group(rank, world, out_dir)
     try:
         model, source = eval_model()
         metrics = evaluate(model, source, ks=(1, 2, 4, 8), chunk_size=chunk)

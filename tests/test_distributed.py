@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.dist_worker import CONFIGS, free_port, run_refusal_worker, run_worker, train
+from tests.dist_worker import CONFIGS, run_refusal_worker, run_worker, train
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +12,7 @@ def single_process():
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])  # W=3: shards 11, 11, 10 of 32
 def test_workers_match_one_process_on_the_global_batch(world, single_process, tmp_path):
-    mp.spawn(run_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(run_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
     for mode, simix in CONFIGS:
         initial, expected = single_process[(mode, simix)]
         moved = sum((e - i).norm() for e, i in zip(expected, initial))
@@ -25,7 +25,7 @@ def test_workers_match_one_process_on_the_global_batch(world, single_process, tm
 
 
 def test_global_batch_loss_refuses_simix_without_generator_and_unequal_split(tmp_path):
-    mp.spawn(run_refusal_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(run_refusal_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         no_generator, bad_split = torch.load(tmp_path / f"refusal{rank}.pt", weights_only=True)
         assert "needs a generator" in no_generator and "mixing_generator" in no_generator
@@ -42,7 +42,7 @@ def test_distributed_evaluation_matches_one_process(world, tmp_path):
     chunk = -(-n // world)  # every worker embeds its share in one chunk, as one process does in W
     expected = evaluate(model, source, ks=(1, 2, 4, 8), chunk_size=chunk)
     emb, labels = embed_source(model, source, chunk_size=chunk)
-    mp.spawn(run_eval_worker, args=(world, free_port(), str(tmp_path), chunk), nprocs=world, join=True)
+    mp.spawn(run_eval_worker, args=(world, str(tmp_path), chunk), nprocs=world, join=True)
     for rank in range(world):
         got = torch.load(tmp_path / f"eval{rank}.pt", weights_only=True)
         assert got["emb"].shape == (n, 32)

@@ -207,12 +207,13 @@ def test_float16_step_with_nonfinite_gradient_is_skipped_and_the_scale_drops(bad
     assert not torch.equal(next(model.parameters()).detach(), before[0])
 
 
-def skip_worker(rank: int, world: int, port: int, out: str) -> None:
+def skip_worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
     from rsk_dist.distributed import sum_gradients
+    from tests.dist_worker import init_group
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_group(rank, world, out)
     try:
         model, images, labels, scaler, step, before = float16_setup(6)
         step.step(images, labels)
@@ -229,9 +230,7 @@ def skip_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_float16_overflow_on_one_worker_skips_the_step_on_all(tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.dist_worker import free_port
-
-    mp.spawn(skip_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(skip_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert got == {"stepped": False, "unchanged": True, "scale": 2.0**9}, f"rank {rank}: {got}"
