@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -260,12 +261,6 @@ def test_local_cluster_script_syntax():
     assert out.returncode == 1 and "unknown command" in out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _processes_naming(marker: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -284,11 +279,12 @@ def test_local_cluster_starts_two_nodes_and_stops_clean():
     `stop`: nothing of it is left running."""
     directory = tempfile.mkdtemp(prefix="rsk-lc-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    gcs, dash, client, agent = free_ports(4)
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         RAY=str(Path(sys.executable).parent / "ray"), PYTHON=sys.executable,
-        RSK_CLUSTER_DIR=directory, RSK_GCS_PORT=str(_free_port()), RSK_DASHBOARD_PORT=str(_free_port()),
-        RSK_CLIENT_PORT=str(_free_port()), RSK_AGENT_PORT=str(_free_port()), RSK_DASHBOARD="0",
+        RSK_CLUSTER_DIR=directory, RSK_GCS_PORT=str(gcs), RSK_DASHBOARD_PORT=str(dash),
+        RSK_CLIENT_PORT=str(client), RSK_AGENT_PORT=str(agent), RSK_DASHBOARD="0",
         HOME=directory,  # a token generated for this cluster, not the user's ~/.ray/auth_token
     )
     script = ["bash", str(LOCAL_SCRIPT)]

@@ -27,7 +27,7 @@ from rsk_dist.storage import (  # noqa: E402
     storage_options,
 )
 
-from tests.conftest import _free_port  # noqa: E402
+from tests.conftest import free_ports  # noqa: E402
 
 FINGERPRINT = "0123456789abcdef" * 4
 
@@ -81,7 +81,7 @@ def test_preflight_ok_on_a_bucket(s3):
 
 
 def test_preflight_unreachable_endpoint_fails_fast(s3, monkeypatch):
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
     t0 = time.perf_counter()
     with pytest.raises(StorageError) as err:
@@ -93,7 +93,7 @@ def test_preflight_unreachable_endpoint_fails_fast(s3, monkeypatch):
 
 
 def test_service_endpoint_variable_takes_precedence(s3, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # closed
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")  # closed
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
     assert preflight(s3.url(), need_index=False) is None
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://no-such-host.invalid:9000")

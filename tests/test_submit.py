@@ -15,7 +15,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 import ray
 
 from rsk_dist.cli import main  # noqa: E402
+from tests.conftest import free_ports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -45,19 +45,6 @@ def _dashboard_missing() -> str | None:
 pytestmark = [
     pytest.mark.skipif(bool(os.environ.get("RSK_DIST_SKIP_RAY_JOBS")), reason="RSK_DIST_SKIP_RAY_JOBS is set"),
 ]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _kill_leftovers(marker: str) -> None:
@@ -98,7 +85,7 @@ class RayHead:
     def __init__(self) -> None:
         self.token = secrets.token_hex(32)
         self.temp_dir = tempfile.mkdtemp(prefix="rsk-ray-", dir="/tmp")  # short: socket paths
-        gcs, dash, client, agent = _free_ports(4)
+        gcs, dash, client, agent = free_ports(4)
         self.address = f"http://127.0.0.1:{dash}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(
@@ -250,7 +237,7 @@ def test_unknown_job_is_a_clean_error(head, capsys):
 
 
 def test_unreachable_server_is_a_clean_error(capsys):
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     code, out, err = _run(capsys, "status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}")
     assert code == 1 and "cannot use the Ray job server" in err
 
