@@ -12,7 +12,7 @@ import math
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from rsk_dist.monitor import RunMonitor
 from rsk_dist.preemption import CheckpointSchedule, Preempted
 from rsk_dist.sampler import ClassBalancedSampler
 from rsk_dist.storage import join
+
+if TYPE_CHECKING:  # Ray is imported where it is used: importing this module stays light
+    import ray.train
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -251,7 +254,7 @@ class RayCheckpointReport:
             checkpoint_upload_fn=lambda _, dir_name: self.write(snapshot, dir_name),
         )
 
-    def write(self, state: dict[str, Any], dir_name: str) -> "ray.train.Checkpoint":
+    def write(self, state: dict[str, Any], dir_name: str) -> ray.train.Checkpoint:
         import ray.train
 
         try:

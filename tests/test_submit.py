@@ -24,8 +24,6 @@ from pathlib import Path
 
 import pytest
 
-import ray
-
 from rsk_dist.cli import main  # noqa: E402
 from tests.conftest import free_ports  # noqa: E402
 
