@@ -200,7 +200,7 @@ def test_cli_usage_errors_exit_2(capsys):
 
 def test_cli_submit_bad_config_submits_nothing(capsys, monkeypatch):
     """A bad config fails before any client is made, so no address is even contacted."""
-    import rsk_dist.cli as cli
+    import rsk_dist.cli.jobs as cli
 
     def no_client(args):
         raise AssertionError("a bad config must not reach the job server")
@@ -213,7 +213,7 @@ def test_cli_submit_bad_config_submits_nothing(capsys, monkeypatch):
 
 
 def test_build_submission_carries_no_secrets(tmp_path, monkeypatch):
-    import rsk_dist.cli as cli
+    import rsk_dist.cli.jobs as cli
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "token-do-not-ship")
@@ -362,9 +362,9 @@ def test_cli_ingest_of_a_folder_tree(capsys, tmp_path):
 
 
 def test_cli_export_index_without_faiss_is_clean(capsys, monkeypatch):
-    import rsk_dist.cli as cli
+    import rsk_dist.cli.model as cli
 
-    monkeypatch.setattr(cli, "_importable", lambda module: module != "faiss")
+    monkeypatch.setattr(cli, "importable", lambda module: module != "faiss")
     assert main(["export-index", "file:///nope", "--data", "digits:test", "/tmp/x.faiss"]) == 2
     err = capsys.readouterr().err
     assert "needs faiss" in err and "Traceback" not in err

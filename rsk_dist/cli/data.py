@@ -1,0 +1,66 @@
+"""Data commands: ``ingest`` a data set as shards plus index, ``gc-dataset`` its replaced versions."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from rsk_dist.cli.common import redact, url_arg
+
+LAYOUTS = ("folders", "cub200", "cars196", "sop", "inaturalist", "vehicleid")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rsk_dist.ingest import ingest
+
+    kwargs: dict[str, Any] = {"overwrite": args.overwrite}
+    if args.shard_mb is not None:
+        kwargs["shard_bytes"] = int(args.shard_mb * 2**20)
+    if args.threads is not None:
+        kwargs["threads"] = args.threads
+    if args.default_split is not None:
+        kwargs["default_split"] = args.default_split
+    result = ingest(args.source, args.target_url, layout=args.layout, **kwargs)
+    fields = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+    if isinstance(fields, dict):
+        for key, value in fields.items():
+            print(f"{key}: {value}")
+    elif fields is not None:
+        print(fields)
+    print(redact(f"ingested {args.source} into {args.target_url} ({args.layout})"), file=sys.stderr)
+    return 0
+
+
+def cmd_gc_dataset(args: argparse.Namespace) -> int:
+    from rsk_dist.ingest import gc_dataset
+
+    removed = gc_dataset(args.url, keep_last=args.keep_last)
+    for folder in removed:
+        print(f"removed {folder}")
+    print(redact(f"{args.url}: removed {len(removed)} replaced version(s), kept the last {args.keep_last}"),
+          file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="write a data set as shards plus index to any fsspec URL")
+    p.add_argument("source", metavar="SOURCE", type=url_arg, help="the data set's folder or archive")
+    p.add_argument("target_url", metavar="TARGET_URL", type=url_arg, help="e.g. s3://bucket/cub200")
+    p.add_argument("--layout", required=True, choices=LAYOUTS)
+    p.add_argument("--shard-mb", type=float, default=None, metavar="MB", help="target shard size (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="parallel uploads")
+    p.add_argument("--default-split", default=None, metavar="SPLIT",
+                   help="split of images the layout does not assign one (default train)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different ingest at TARGET_URL: the new version is written beside "
+                        "the old one, which jobs already running keep reading (see gc-dataset)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("gc-dataset", help="delete the shards of replaced ingests of a dataset")
+    p.add_argument("url", metavar="URL", type=url_arg, help="the dataset, e.g. s3://bucket/cub200")
+    p.add_argument("--keep-last", type=int, default=1, metavar="N",
+                   help="versions to keep, the current one included (default 1). Old versions are "
+                        "read by jobs started before the overwrite: run this once those ended")
+    p.set_defaults(func=cmd_gc_dataset)
