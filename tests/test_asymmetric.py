@@ -37,8 +37,7 @@ def grads(fn, emb):
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_matches_naive_reference_float64(self_positive, simix, chunk_size, monkeypatch):
     # Blocks of 3 queries and sub-chunks inside them: the blocked path, not one block of all.
-    monkeypatch.setattr(recall, "MIN_BLOCK_QUERIES", 3)
-    monkeypatch.setattr(recall, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(recall, "CPU_BUDGET", recall.LossBudget(recall.CPU_BUDGET.chunk_elements, 1, 3))
     student = batch(LABELS, spread=0.5)
     teacher = teacher_of(student)
     ref, ref_grad = grads(lambda e: reference(e, teacher, simix, self_positive), student)
