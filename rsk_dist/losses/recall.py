@@ -11,6 +11,7 @@ gradient: no N x N matrix is ever held.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -19,17 +20,57 @@ from rsk_dist.grouping import LabelGroups
 from rsk_dist.losses.simix import Mixing, mixing
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
-# Elements of the one (queries x positives x samples) sigmoid buffer when chunk_size=None: 16 MB
-# in float32. Larger sub-chunks were slower on CPU (each pass then streams from main memory).
-DEFAULT_CHUNK_ELEMENTS = 2**22
-# Queries per similarity block. Each block reads the N x d embeddings (and updates their
-# gradient) three times, so a block that shrank like 1/N would make the loss time grow as N^3;
-# at least MIN_BLOCK_QUERIES keeps it N^2 P, at the price of block buffers of
-# MIN_BLOCK_QUERIES x N, which grow with N like the N x d embeddings themselves. With 128, that
-# streaming was already 15% of the loss at N = 16384 + SiMix (204 queries a block, d = 512):
-# 512 took it from 32-36 s to 29-30 s there, for 170 MB more buffers.
-BLOCK_ELEMENTS = 2**23
-MIN_BLOCK_QUERIES = 512
+
+
+@dataclass(frozen=True)
+class LossBudget:
+    """How the loss cuts its O(N^2 P) work (see :func:`plan_blocks`). ``chunk_elements``: the
+    one (queries x positives x samples) sigmoid buffer when ``chunk_size`` is None.
+    ``block_elements`` and ``min_block_queries``: queries per similarity block, whose four
+    ``queries x N`` row buffers come from one matmul."""
+
+    chunk_elements: int
+    block_elements: int
+    min_block_queries: int
+
+
+# CPU: a 16 MB sigmoid buffer in float32; larger sub-chunks were slower (each pass then streams
+# from main memory). Each block reads the N x d embeddings (and updates their gradient) three
+# times, so a block that shrank like 1/N would make the loss time grow as N^3; at least 512
+# queries keeps it N^2 P, at the price of block buffers of 512 x N, which grow with N like the
+# N x d embeddings themselves. With 128, that streaming was already 15% of the loss at N = 16384
+# + SiMix (204 queries a block, d = 512): 512 took it from 32-36 s to 29-30 s there, for 170 MB
+# more buffers.
+CPU_BUDGET = LossBudget(chunk_elements=2**22, block_elements=2**23, min_block_queries=512)
+# CUDA: the CPU budget would launch ~53 small kernels per sub-chunk, 81,920 sub-chunks at
+# N = 65536 with SiMix (4.3 million launches, 20-40 s of launch overhead a step). A GPU wants few
+# large kernels, so the buffers take a fixed share of the device's memory, 1/32 for the sigmoid
+# buffer and 1/32 for the four block buffers (0.75 GiB each on a 24 GiB card), up to these caps
+# (1 GiB each). Total memory, not free memory: PyTorch's cache counts as used, and a plan that
+# changed from run to run would change the loss's summation order with it.
+CUDA_MEMORY_SHARE = 32
+CUDA_MAX_CHUNK_ELEMENTS = 2**28
+CUDA_MAX_BLOCK_ELEMENTS = 2**26
+
+
+def cuda_budget(total_bytes: int) -> LossBudget:
+    """The budget on a CUDA device of ``total_bytes`` of memory (never below the CPU's); a pure
+    function, so a CUDA plan can be worked out anywhere."""
+    share = total_bytes // CUDA_MEMORY_SHARE // 4  # float32 elements
+    return LossBudget(
+        chunk_elements=max(CPU_BUDGET.chunk_elements, min(CUDA_MAX_CHUNK_ELEMENTS, share)),
+        block_elements=max(CPU_BUDGET.block_elements, min(CUDA_MAX_BLOCK_ELEMENTS, share // 4)),
+        min_block_queries=CPU_BUDGET.min_block_queries,
+    )
+
+
+def loss_budget(device: torch.device) -> LossBudget:
+    """The budget the loss uses for embeddings on ``device``."""
+    if device.type == "cuda":
+        return cuda_budget(torch.cuda.get_device_properties(device).total_memory)
+    return CPU_BUDGET
+
+
 # On x86 CPUs an operation that reads or yields a subnormal float32 (below 1.2e-38) takes a
 # microcode assist, ~100x a normal one. Trained embeddings put most (query, positive) rows there:
 # s_qx - s_qz = 0.8 gives sigmoid(-80) = 2e-35, whose square in sigmoid' is subnormal, and the
@@ -60,23 +101,38 @@ def _positives(groups: LabelGroups, queries: Tensor, width: int) -> tuple[Tensor
 SubChunk = tuple[int, int, int]  # start, stop (within the block), positives per query
 
 
-def _plan(num_positives: list[int], num_samples: int, chunk_size: int | None) -> list[tuple[int, int, list[SubChunk]]]:
-    """Blocks ``(start, stop, sub-chunks)`` over queries sorted by descending positive count,
-    worked out once on the host so that the loop over them never waits for the device. A
-    block's similarity rows come from one matmul; its sub-chunks bound the sigmoid buffer."""
-    block = max(MIN_BLOCK_QUERIES, BLOCK_ELEMENTS // num_samples)
+Block = tuple[int, int, list[SubChunk]]  # start, stop (in the sorted queries), its sub-chunks
+
+
+def plan_blocks(num_positives: Sequence[int], num_samples: int, budget: LossBudget, chunk_size: int | None = None) -> list[Block]:
+    """Blocks ``(start, stop, sub-chunks)`` over queries sorted by descending positive count
+    (``num_positives``, queries without a positive left out), for a batch of ``num_samples``
+    samples (virtual ones included). Worked out on the host, so that the loop over them never
+    waits for the device. A block's similarity rows come from one matmul; its sub-chunks bound
+    the sigmoid buffer: ``chunk_size`` queries each, or ``budget.chunk_elements`` terms."""
+    block = max(budget.min_block_queries, budget.block_elements // num_samples)
     blocks = []
     for b0 in range(0, len(num_positives), block):
         b1 = min(b0 + block, len(num_positives))
         subs, c0 = [], b0
         while c0 < b1:
             p = num_positives[c0]  # the sub-chunk's largest: sorted descending
-            size = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (p * num_samples))
+            size = chunk_size or max(1, budget.chunk_elements // (p * num_samples))
             c1 = min(c0 + size, b1)
             subs.append((c0 - b0, c1 - b0, p))
             c0 = c1
         blocks.append((b0, b1, subs))
     return blocks
+
+
+def plan_for_labels(labels: Tensor, budget: LossBudget, chunk_size: int | None = None) -> list[Block]:
+    """The plan of the loss over all queries of a batch whose labels (SiMix's virtual samples
+    included: ``rsk_dist.losses.simix.mixing(labels, generator).labels``) are ``labels``, e.g.
+    ``sum(len(subs) for _, _, subs in plan_for_labels(labels, cuda_budget(80 << 30)))``
+    sub-chunks on an 80 GB GPU."""
+    classes = LabelGroups(labels.reshape(-1).long())
+    counts = classes.num_positives(torch.arange(labels.numel(), device=labels.device)).tolist()
+    return plan_blocks(sorted((p for p in counts if p > 0), reverse=True), labels.numel(), budget, chunk_size)
 
 
 class _RecallSurrogateFunction(torch.autograd.Function):
@@ -111,7 +167,7 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         order = torch.argsort(npos, descending=True, stable=True)
         sorted_npos = [p for p in npos[order].tolist() if p > 0]
         queries = queries[order[: len(sorted_npos)]]
-        plan = _plan(sorted_npos, n, chunk_size)
+        plan = plan_blocks(sorted_npos, n, loss_budget(emb.device), chunk_size)
         grad = torch.zeros_like(emb) if want_grad else None
         kk = torch.tensor(ks, dtype=emb.dtype, device=emb.device)
         total = emb.new_zeros(())
