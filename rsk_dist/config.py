@@ -95,6 +95,10 @@ class DataConfig(Section):
     draft: bool = False  # JPEGs decoded at reduced size where the crop allows: faster, pixels differ
     cache_dir: str | None = None
     cache_max_bytes: int | None = Field(None, ge=0)  # shards kept in cache_dir; None: no limit
+    # Seconds a batch's reads from the store may take in all, and a decoder process one chunk of
+    # images, before a clear error (a stopped decoder is killed and started again first).
+    read_deadline_s: float = Field(300.0, gt=0, allow_inf_nan=False)
+    decode_deadline_s: float = Field(120.0, gt=0, allow_inf_nan=False)
 
 
 class SamplerConfig(Section):

@@ -61,6 +61,7 @@ def open_source(
             decoders=data.decoders or (max(1, int(cpus)) if cpus else None),
             # this step's batch and prefetch_steps more (evaluation prefetches one chunk ahead)
             max_pending=max(2, data.prefetch_steps + 1), cache_max_bytes=data.cache_max_bytes, draft=data.draft,
+            read_deadline_s=data.read_deadline_s, decode_deadline_s=data.decode_deadline_s,
         ), device)
     if train and data.augment:
         source = MemorySource(source.images, source.labels, augment_seed=seed)

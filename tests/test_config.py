@@ -358,7 +358,7 @@ def test_cli_ingest_of_a_folder_tree(capsys, tmp_path):
     target = f"file://{tmp_path}/ds"
     assert main(["ingest", str(tmp_path / "src"), target, "--layout", "folders"]) == 0
     assert "num_images: 6" in capsys.readouterr().out
-    assert (tmp_path / "ds" / "index.parquet").exists() and (tmp_path / "ds" / "_SUCCESS").exists()
+    assert list((tmp_path / "ds").glob("shards/*/index.parquet")) and (tmp_path / "ds" / "_SUCCESS").exists()
 
 
 def test_cli_export_index_without_faiss_is_clean(capsys, monkeypatch):
