@@ -80,6 +80,8 @@ class DataSource(Section):
             raise ValueError(f"a {self.kind!r} data source needs a url")
         if self.kind == "digits" and self.split not in ("train", "test"):
             raise ValueError("the digits source needs split: train or split: test")
+        if self.kind == "digits" and self.exclude_classes:
+            raise ValueError("exclude_classes applies to shards and zip sources; the digits source keeps its 10 classes")
         return self
 
 

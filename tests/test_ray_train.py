@@ -10,17 +10,7 @@ from rsk_dist.checkpoint import checkpoint_name, load_state  # noqa: E402
 from rsk_dist.config import load_config  # noqa: E402
 from rsk_dist.storage import join  # noqa: E402
 from rsk_dist.train import Trainer, fit  # noqa: E402
-from tests.test_faults import wait_for  # noqa: E402
-
-
-# W workers and one process (or a resume) differ only in the order of sums: the gradient's
-# all-reduce over W shares, and the loss's sums split across workers. A reordered sum of n terms
-# moves by at most n * eps * sum|terms|; over the steps of a job SGD carries such differences on,
-# amplified by the step's Jacobian. On an AMD EPYC the float32 run of this job ended 5.95e-6 apart
-# after 4 steps, about 50 float32 eps (1.2e-7). The same arithmetic in float64 scales that by
-# eps64 / eps32 = 2^-29: about 1.1e-14. 1e-9 leaves five orders of magnitude for other CPUs'
-# orderings and is still six below what one wrong step moves a weight (lr * |g|, about 1e-3).
-EXACT = 1e-9
+from tests.test_faults import EXACT, wait_for  # noqa: E402
 
 
 def job(tmp_path, workers: int, **overrides):
@@ -28,7 +18,7 @@ def job(tmp_path, workers: int, **overrides):
         "data": {"train": {"kind": "digits", "split": "train"}, "eval": {"kind": "digits", "split": "test"},
                  "image_size": 8},
         # float64: the claims below are exactness (W workers against one process, a resume against
-        # the uninterrupted run), which float32 cannot make on every CPU (see EXACT).
+        # the uninterrupted run), which float32 cannot make on every CPU (see EXACT in test_faults.py).
         "model": {"in_channels": 1, "dim": 32, "dtype": "float64"},
         "loss": {"k": [1, 2, 4], "simix": True, "mode": "sharded"},
         "sampler": {"batch_size": 40, "seed": 3},
