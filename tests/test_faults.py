@@ -20,6 +20,7 @@ from rsk_dist.config import load_config  # noqa: E402
 from rsk_dist.ingest import ingest  # noqa: E402
 from rsk_dist.storage import StorageError, filesystem, join  # noqa: E402
 from rsk_dist.train import evaluate_checkpoint, fit  # noqa: E402
+from tests.reference import EXACT  # noqa: E402
 
 # RSK_OMNIGLOT: where the zips are when the checkout is not beside shared/ (a git worktree)
 OMNIGLOT = Path(os.environ.get("RSK_OMNIGLOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"))
@@ -45,20 +46,10 @@ def local_ray(s3):
     ray.shutdown()
 
 
-# W workers and one process (or a resume) differ only in the order of sums: the gradient's
-# all-reduce over W shares, and the loss's sums split across workers. A reordered sum of n terms
-# moves by at most n * eps * sum|terms|; over the steps of a job SGD carries such differences on,
-# amplified by the step's Jacobian. On an AMD EPYC the float32 run of this job ended 5.95e-6 apart
-# after 4 steps, about 50 float32 eps (1.2e-7). The same arithmetic in float64 scales that by
-# eps64 / eps32 = 2^-29: about 1.1e-14. 1e-9 leaves five orders of magnitude for other CPUs'
-# orderings and is still six below what one wrong step moves a weight (lr * |g|, about 1e-3).
-EXACT = 1e-9
-
-
 def config(storage: str, name: str, train_url: str, test_url: str | None = None, **run):
     tree = {
         "data": {"train": {"kind": "shards", "url": train_url, "split": "train"}, "image_size": 20},
-        # float64: resumed and uninterrupted runs must agree exactly (see EXACT)
+        # float64: resumed and uninterrupted runs must agree exactly (see tests/reference.EXACT)
         "model": {"in_channels": 1, "dim": 32, "dtype": "float64"},
         "loss": {"k": [1, 2, 4], "tau2": 0.003, "simix": True},
         "sampler": {"batch_size": 32, "seed": 5},

@@ -10,7 +10,8 @@ from rsk_dist.checkpoint import checkpoint_name, load_state  # noqa: E402
 from rsk_dist.config import load_config  # noqa: E402
 from rsk_dist.storage import join  # noqa: E402
 from rsk_dist.train import Trainer, fit  # noqa: E402
-from tests.test_faults import EXACT, wait_for  # noqa: E402
+from tests.reference import EXACT  # noqa: E402
+from tests.test_faults import wait_for  # noqa: E402
 
 
 def job(tmp_path, workers: int, **overrides):
@@ -18,7 +19,7 @@ def job(tmp_path, workers: int, **overrides):
         "data": {"train": {"kind": "digits", "split": "train"}, "eval": {"kind": "digits", "split": "test"},
                  "image_size": 8},
         # float64: the claims below are exactness (W workers against one process, a resume against
-        # the uninterrupted run), which float32 cannot make on every CPU (see EXACT in test_faults.py).
+        # the uninterrupted run), which float32 cannot make on every CPU (see tests/reference.EXACT).
         "model": {"in_channels": 1, "dim": 32, "dtype": "float64"},
         "loss": {"k": [1, 2, 4], "simix": True, "mode": "sharded"},
         "sampler": {"batch_size": 40, "seed": 3},
