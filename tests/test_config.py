@@ -394,10 +394,10 @@ ON_SHARDS = ["sampler.batch_size=8", "data.eval=null", "model.in_channels=3"]
 
 @pytest.mark.parametrize("overrides,field", [
     (["sampler.seed=-1"], "sampler.seed"),
-    (["sampler.seed=1.0e+23"], "sampler.seed"),
+    (["sampler.seed=100000000000000000000000"], "sampler.seed"),  # 1e23 as an integer
     (["train.eval_k=[0]"], "train.eval_k"),
     (["train.eval_k=[-3]"], "train.eval_k"),
-    (["sampler.batch_size=1.0e+20"], "sampler.batch_size"),
+    (["sampler.batch_size=100000000000000000000"], "sampler.batch_size"),  # 1e20
     (["optim.lr=.inf"], "optim.lr"),
     (["loss.tau2=1.0e-300"], "loss.tau2"),
     (["sampler.batch_size=44"], "sampler.batch_size"),  # digits: 11 classes of 4 wanted, 10 there
