@@ -105,8 +105,8 @@ def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dic
         size = fs.size(posixpath.join(path, STATE))
         if size != manifest["bytes"]:
             raise CheckpointError(
-                f"{redact(url)}: {STATE} is {size} bytes but its manifest says {manifest['bytes']} (truncated, "
-                "altered or overwritten); resume from an earlier checkpoint"
+                f"{redact(url)}: {STATE} does not match its manifest: it is {size} bytes, the manifest says "
+                f"{manifest['bytes']} (truncated, altered or overwritten); resume from an earlier checkpoint"
             )
         data = fs.cat_file(posixpath.join(path, STATE))
     except FileNotFoundError:

@@ -43,7 +43,7 @@ def test_state_larger_than_its_manifest_says_is_refused_unread(tmp_path):
     with open(tmp_path / "ckpt" / STATE, "wb") as f:
         f.truncate(1 << 30)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    with pytest.raises(CheckpointError, match=r"is 1073741824 bytes but its manifest says 100"):
+    with pytest.raises(CheckpointError, match=r"does not match its manifest: it is 1073741824 bytes, the manifest says 100"):
         load_state(tmp_path / "ckpt")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 * 1024, "the state was read"
 
