@@ -151,7 +151,10 @@ class EmbeddingModel:
                 f"{redact(url)}{RECORD_SUFFIX} is missing: the export's preprocessing record; export the "
                 "checkpoint again (rsk-dist export writes it), or pass the checkpoint"
             ) from None
-        self.preprocess = Preprocess.from_json(record)
+        try:
+            self.preprocess = Preprocess.from_json(record)
+        except ValueError as err:
+            raise ValueError(f"{redact(url)}{RECORD_SUFFIX}: {err}; export the checkpoint again") from None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", JIT_DEPRECATED, FutureWarning)
             self.module = torch.jit.load(io.BytesIO(_read(url)), map_location=self.device).eval()
