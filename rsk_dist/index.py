@@ -97,6 +97,7 @@ def load_gallery(url: str) -> Embeddings:
                               Preprocess.from_json(str(f["preprocess"])), f["class_names"].tolist())
     import faiss
 
+    blob = _read(url)
     try:
         meta = json.loads(_read(url + META_SUFFIX))
     except FileNotFoundError:
@@ -104,7 +105,7 @@ def load_gallery(url: str) -> Embeddings:
             f"{redact(url)}{META_SUFFIX} is missing: an index written by an older export-index has no ids or "
             "preprocessing beside it; run export-index again"
         ) from None
-    idmap = faiss.deserialize_index(np.frombuffer(_read(url), dtype=np.uint8))
+    idmap = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
     rows = faiss.vector_to_array(idmap.id_map)
     vectors = faiss.downcast_index(idmap.index).reconstruct_n(0, idmap.ntotal)
     if sorted(rows.tolist()) != list(range(len(meta["ids"]))):
