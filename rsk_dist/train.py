@@ -470,7 +470,7 @@ def fit(
     ``run.storage_path`` and ``run.name`` resumes from that run's latest checkpoint, with the
     new config (fields that change the training only with ``allow_config_change``)."""
     from rsk_dist.prestart import check_data
-    from rsk_dist.storage import filesystem, preflight
+    from rsk_dist.storage import preflight
 
     config = absolutize_paths(config)  # Ray workers run in other directories
     fingerprint = check_data(config)
