@@ -16,7 +16,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     queries = parse_data_spec(args.queries, args.exclude_class) if args.queries else None
     metrics = evaluate_checkpoint(args.checkpoint_url, data=data, image_size=args.image_size, ks=tuple(args.k),
-                                  protocol=args.protocol, queries=queries, ground_truth=args.ground_truth)
+                                  protocol=args.protocol, queries=queries, ground_truth=args.ground_truth,
+                                  gallery_model=args.gallery_model)
     print_metrics(dict(metrics), redact(f"{args.checkpoint_url} on {args.data}:"))
     return 0
 
@@ -74,6 +75,12 @@ def cmd_export_index(args: argparse.Namespace) -> int:
 
     spec = parse_data_spec(args.data, args.exclude_class)
     model, config = load_model(args.checkpoint_url)
+    if args.teacher:
+        if config.teacher is None:
+            raise CLIError(f"{redact(args.checkpoint_url)} was trained without a teacher: index with the teacher's own checkpoint")
+        from rsk_dist.teacher import load_teacher
+
+        model = load_teacher(config.teacher)  # the database side of asymmetric retrieval
     emb, labels = embed_with_checkpoint(model, config, spec, args.image_size)
     emb = np.ascontiguousarray(emb.cpu().numpy(), dtype=np.float32)
     index = faiss.IndexIDMap(faiss.IndexFlatIP(emb.shape[1]))  # unit vectors: inner product = cosine
@@ -98,6 +105,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "revisited: --queries against the --data gallery, Revisited Oxford/Paris mAP")
     p.add_argument("--queries", metavar="KIND:URL[:SPLIT]", type=url_arg, help="query images for --protocol revisited")
     p.add_argument("--ground-truth", metavar="URL", type=url_arg, help="ground-truth JSON for --protocol revisited")
+    p.add_argument("--gallery-model", metavar="CHECKPOINT_URL", type=url_arg,
+                   help="a teacher checkpoint that embeds the gallery: metrics symmetric, asymmetric_ and teacher_")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint's embedding model")
@@ -112,4 +121,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL", type=url_arg)
     with_data(p)
     p.add_argument("out", metavar="OUT", type=url_arg, help="output index file (local path or fsspec URL)")
+    p.add_argument("--teacher", action="store_true",
+                   help="embed the gallery with the checkpoint's teacher (asymmetric training), not its own model")
     p.set_defaults(func=cmd_export_index)
