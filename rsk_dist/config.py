@@ -177,6 +177,11 @@ class RunConfig(Section):
     checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
+    # Retries after Ray drained a node of the job (a preemption it was told of), counted apart
+    # from max_failures; -1: retry forever. A SIGTERM notice counts as a failure.
+    max_preemptions: int = Field(-1, ge=-1)
+    # How long the other workers may run on past a drained node's deadline (to finish a checkpoint).
+    preemption_grace_s: float = Field(0, ge=0)
     resume_from: Url | None = None  # a checkpoint URL to start from
 
 
