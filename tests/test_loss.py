@@ -69,8 +69,7 @@ def test_matches_naive_reference_float32(rank_includes_query):
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_many_similarity_blocks_match_naive_reference(simix_flag, chunk_size, monkeypatch):
     # Blocks of 3 queries (the default holds all of this batch in one), sub-chunks inside them.
-    monkeypatch.setattr(recall, "MIN_BLOCK_QUERIES", 3)
-    monkeypatch.setattr(recall, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(recall, "CPU_BUDGET", recall.LossBudget(recall.CPU_BUDGET.chunk_elements, 1, 3))
     emb = batch(LABELS, spread=0.5)
     gen = lambda: torch.Generator().manual_seed(5)
     ref, ref_grad = grads(lambda e: naive_rsk(*(naive_simix(e, LABELS, gen()) if simix_flag else (e, LABELS))), emb)
@@ -78,6 +77,24 @@ def test_many_similarity_blocks_match_naive_reference(simix_flag, chunk_size, mo
     ours, our_grad = grads(lambda e: loss(e, torch.tensor(LABELS), generator=gen()), emb)
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=0)
     torch.testing.assert_close(our_grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_cuda_budget_plans_few_sub_chunks_at_65536_with_simix():
+    # 16384 classes of 4 real samples; SiMix adds 6 virtual ones per class: 163840 samples and
+    # 9 positives per query. The CPU budget cuts that into 81,920 sub-chunks (~53 kernels each).
+    labels = torch.arange(16384).repeat_interleave(4)
+    mixed = simix.mixing(labels, torch.Generator().manual_seed(0)).labels
+    assert mixed.numel() == 163840
+    count = lambda plan: sum(len(subs) for _, _, subs in plan)
+    assert count(recall.plan_for_labels(mixed, recall.CPU_BUDGET)) == 81920
+    for gib in (16, 24, 80, 141):  # the plan is a host function: any device's, here
+        plan = recall.plan_for_labels(mixed, recall.cuda_budget(gib << 30))
+        assert count(plan) <= 5000, (gib, count(plan))
+        # every query once, each sub-chunk's sigmoid buffer within the budget's share of memory
+        assert [b0 for b0, _, _ in plan[1:]] == [b1 for _, b1, _ in plan[:-1]] and plan[-1][1] == mixed.numel()
+        largest = max((c1 - c0) * p * mixed.numel() for _, _, subs in plan for c0, c1, p in subs)
+        assert largest * 4 <= (gib << 30) // recall.CUDA_MEMORY_SHARE
+    assert recall.loss_budget(torch.device("cpu")) == recall.CPU_BUDGET
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
