@@ -63,6 +63,7 @@ class Sizes:
     loss_n: int
     step: tuple[int, int, int]  # ResNet-50 step: (batch, chunk, image size)
     share_n: int
+    share_worlds: tuple[int, ...]  # processes on the device
     knn: tuple[int, int]  # gallery rows, dim
     jpegs: int
     ray_steps: int
@@ -70,12 +71,12 @@ class Sizes:
 
 GPU = Sizes(
     exact={"small_cnn": (256, 64, 28), "resnet50": (64, 16, 224), "vit_b_16": (32, 8, 224)},
-    loss_n=65536, step=(4000, 250, 224), share_n=16384, knn=(100_000, 512), jpegs=512, ray_steps=20,
+    loss_n=65536, step=(4000, 250, 224), share_n=16384, share_worlds=(1, 2, 3), knn=(100_000, 512), jpegs=512, ray_steps=20,
 )
 SMOKE = Sizes(
     # ResNet-50 at 16 px: bf16 convolutions are slow on a CPU without bf16 units.
     exact={"small_cnn": (16, 4, 28), "resnet50": (8, 4, 16), "vit_b_16": (4, 2, 32)},
-    loss_n=256, step=(8, 4, 16), share_n=256, knn=(2000, 64), jpegs=16, ray_steps=2,
+    loss_n=256, step=(8, 4, 16), share_n=256, share_worlds=(1, 2), knn=(2000, 64), jpegs=16, ray_steps=2,
 )
 # Precision of each exactness case, and its tolerance on the relative L2 gradient error (above).
 EXACT_DTYPE = {"small_cnn": None, "resnet50": torch.bfloat16, "vit_b_16": torch.bfloat16}
@@ -242,7 +243,7 @@ def shared_gpu(device: str, sizes: Sizes) -> dict:
     from bench.dist import run_world
 
     rows = []
-    for world in (1, 2, 3):
+    for world in sizes.share_worlds:
         summary = run_world(world, sizes.share_n, 512, 2, max(1, os.cpu_count() // world), device)
         for mode, s in summary.items():
             rows.append([str(world), mode if world > 1 else "either (plain loss)", f"{s['loss_s']:.3f}",
