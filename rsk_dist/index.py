@@ -28,6 +28,7 @@ import contextlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -36,13 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsk_dist.config import DataConfig, DataSource
+from rsk_dist.config import DataConfig, DataSource, local_absolute
 from rsk_dist.preprocess import Preprocess
 from rsk_dist.storage import filesystem, redact
 
 RECORD_SUFFIX = ".preprocess.json"
 META_SUFFIX = ".meta.json"
 DEFAULT_CHUNK = 256
+JIT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"  # torch's FutureWarning; TorchScript is what was exported
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -95,6 +97,7 @@ def load_gallery(url: str) -> Embeddings:
                               Preprocess.from_json(str(f["preprocess"])), f["class_names"].tolist())
     import faiss
 
+    blob = _read(url)
     try:
         meta = json.loads(_read(url + META_SUFFIX))
     except FileNotFoundError:
@@ -102,7 +105,7 @@ def load_gallery(url: str) -> Embeddings:
             f"{redact(url)}{META_SUFFIX} is missing: an index written by an older export-index has no ids or "
             "preprocessing beside it; run export-index again"
         ) from None
-    idmap = faiss.deserialize_index(np.frombuffer(_read(url), dtype=np.uint8))
+    idmap = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
     rows = faiss.vector_to_array(idmap.id_map)
     vectors = faiss.downcast_index(idmap.index).reconstruct_n(0, idmap.ntotal)
     if sorted(rows.tolist()) != list(range(len(meta["ids"]))):
@@ -149,8 +152,13 @@ class EmbeddingModel:
                 f"{redact(url)}{RECORD_SUFFIX} is missing: the export's preprocessing record; export the "
                 "checkpoint again (rsk-dist export writes it), or pass the checkpoint"
             ) from None
-        self.preprocess = Preprocess.from_json(record)
-        self.module = torch.jit.load(io.BytesIO(_read(url)), map_location=self.device).eval()
+        try:
+            self.preprocess = Preprocess.from_json(record)
+        except ValueError as err:
+            raise ValueError(f"{redact(url)}{RECORD_SUFFIX}: {err}; export the checkpoint again") from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", JIT_DEPRECATED, FutureWarning)
+            self.module = torch.jit.load(io.BytesIO(_read(url)), map_location=self.device).eval()
         self.chunk_size = DEFAULT_CHUNK
 
     def embed(self, inputs: Sequence[str | DataSource]) -> Embeddings:
@@ -160,7 +168,8 @@ class EmbeddingModel:
         parts = [self._embed_source(x) if isinstance(x, DataSource) else self._embed_files(x) for x in inputs]
         vectors, ids = np.concatenate([p[0] for p in parts]), [i for p in parts for i in p[1]]
         labels, classes = (parts[0][2], parts[0][3]) if len(parts) == 1 else (np.full(len(ids), -1), [])
-        return Embeddings(vectors, ids, labels.astype(np.int64), self.url, self.preprocess, classes)
+        # an absolute model path: search finds it from any directory
+        return Embeddings(vectors, ids, labels.astype(np.int64), local_absolute(self.url) or self.url, self.preprocess, classes)
 
     def _embed_source(self, spec: DataSource) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
         from rsk_dist.evaluate import embed_source

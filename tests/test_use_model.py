@@ -89,9 +89,13 @@ def test_quickstart_model_export_embed_index_search_recall_equals_eval(quickstar
     # float32 embeddings of unit length, by a traced copy of the same graph: within a few ulps
     np.testing.assert_allclose(exported.vectors, gallery.vectors, rtol=0, atol=1e-5)
     capsys.readouterr()
+    # embed's .npz serves as an index too
+    assert main(["embed", ckpt, "digits:test", "--out", str(tmp_path / "g.npz"), "--device", "cpu"]) == 0
+    assert main(["search", str(tmp_path / "g.npz"), str(tmp_path / "g.npz"), "--k", "3", "--json"]) == 0
+    assert _recall_at_1_of_search(json.loads(capsys.readouterr().out.split("\n", 1)[1])["results"]) == evaluated
     assert main(["search", str(tmp_path / "gallery.faiss"), str(tmp_path / "q.npz"), "--k", "2"]) == 0
     table = capsys.readouterr().out
-    assert table.startswith(f"query {gallery.ids[0]}") and "similarity" in table
+    assert table.splitlines()[1] == f"query {gallery.ids[0]}  ({gallery.labels[0]})" and "similarity" in table
 
 
 def _digit_pngs(folder: Path, count: int = 30) -> list[Path]:
@@ -194,14 +198,36 @@ def test_image_files_get_the_transform_of_an_image_folder_zip(tmp_path, monkeypa
 def test_embed_and_search_refuse_what_they_cannot_use(quickstart, tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not an image")
+    (tmp_path / "bad" / "y.pt").write_bytes(b"")
+    (tmp_path / "bad" / "y.pt.preprocess.json").write_text("{}")
     cases = [
         (["embed", str(quickstart), str(tmp_path / "bad"), "--out", str(tmp_path / "o.npz")], "cannot decode image"),
         (["embed", str(quickstart), str(tmp_path / "none"), "--out", str(tmp_path / "o.npz")], "does not exist"),
         (["embed", str(tmp_path / "bad" / "x.png"), "digits:test", "--out", str(tmp_path / "o.npz")], "preprocess.json is missing"),
         (["embed", str(quickstart), "digits:test", "--out", str(tmp_path / "o.npz"), "--device", "cuda:99"], "--device"),
-        (["search", str(tmp_path / "nothing.faiss"), "digits:test"], "meta.json"),
+        (["search", str(tmp_path / "nothing.faiss"), "digits:test"], "nothing.faiss"),
+        (["search", str(tmp_path / "bad" / "y.pt"), "digits:test"], "y.pt.meta.json is missing"),
+        (["embed", str(tmp_path / "bad" / "y.pt"), "digits:test", "--out", str(tmp_path / "o.npz")],
+         "y.pt.preprocess.json: not a preprocessing record"),
         (["eval", str(quickstart.parent / "runs"), "--data", "digits:test"], "not a complete checkpoint"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_a_preprocessing_record_round_trips_and_a_bad_one_is_refused():
+    record = Preprocess.streamed(224, 3)
+    assert json.loads(record.to_json()) == {
+        "format": "rsk_dist.preprocess/1", "size": 224, "channels": 3, "resize": "shorter_side_crop",
+        "invert": False, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+    }
+    assert Preprocess.from_json(record.to_json()) == record
+    for text, message in [
+        ('{"size": 8}', "not a preprocessing record"),
+        ('{"format": "rsk_dist.preprocess/1", "size": 8, "channels": 1}', "not a preprocessing record"),
+        ('{"format": "rsk_dist.preprocess/1", "size": 8, "channels": 2, "resize": "stretch"}', "channels must be 1"),
+        ('{"format": "rsk_dist.preprocess/1", "size": 8, "channels": 1, "resize": "stretch", "mean": [0.5]}', "mean and std"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Preprocess.from_json(text)
