@@ -244,6 +244,8 @@ class JobConfig(Section):
             )
         if self.teacher is not None and self.teacher.model is not None:
             check_teacher_fits(self.teacher.model, self.model)
+        if self.teacher is not None and self.model.dtype != "float32":
+            raise ValueError("model.dtype float64 (for exactness checks) is not supported with a teacher: use float32")
         return self
 
 

@@ -435,3 +435,8 @@ def test_validate_refuses_what_workers_would_fail_on_naming_the_field(capsys, sh
     assert main(["validate", str(ROOT / "jobs" / "quickstart.yaml"), *sum((["--set", o] for o in overrides), [])]) == 2
     out, err = capsys.readouterr()
     assert field in err and "Traceback" not in err and out == "", err
+
+
+def test_float64_with_a_teacher_is_refused():
+    with pytest.raises(ConfigError, match="model.dtype float64 .* not supported with a teacher"):
+        load_config(_tree(model__dtype="float64", loss__asymmetric=True, teacher__checkpoint="/x/ckpt"))
