@@ -82,17 +82,23 @@ def naive_simix(emb: Tensor, labels: list[int], generator: torch.Generator) -> t
     return extended, labels + [c for _, _, c in pairs]
 
 
-def naive_contrastive(emb: Tensor, labels: list[int], pos_margin: float = 0.0, neg_margin: float = 1.0) -> Tensor:
+def naive_contrastive(
+    emb: Tensor, labels: list[int], pos_margin: float = 0.0, neg_margin: float = 1.0,
+    ref: Tensor | None = None, self_positive: bool = False,
+) -> Tensor:
     """Contrastive loss as pytorch-metric-learning defines it: over ordered pairs i != j of
     L2-normalised embeddings at Euclidean distance d, positives cost max(0, d - pos_margin) and
-    negatives max(0, neg_margin - d); each kind is averaged over its non-zero terms, then summed."""
+    negatives max(0, neg_margin - d); each kind is averaged over its non-zero terms, then summed.
+    With ``ref`` (asymmetric: a teacher's embeddings of the same samples) pair (i, j) is
+    emb[i] and ref[j], and (i, i) is a positive when ``self_positive``."""
     emb = emb / emb.norm(dim=1, keepdim=True)
+    other = emb if ref is None else ref / ref.norm(dim=1, keepdim=True)
     pos, neg = [], []
     for i in range(len(labels)):
         for j in range(len(labels)):
-            if i == j:
+            if i == j and not (ref is not None and self_positive):
                 continue
-            d = (emb[i] - emb[j]).norm()
+            d = (emb[i] - other[j]).norm()
             if labels[i] == labels[j]:
                 pos.append(torch.clamp(d - pos_margin, min=0))
             else:
@@ -121,3 +127,13 @@ def naive_multi_similarity(
         per_anchor.append(pos_term + neg_term)
     return sum(per_anchor) / len(per_anchor)
 
+
+# The tolerance of the equivalence tests (float64). W workers and one process (or a resume)
+# differ only in the order of sums: the gradient's all-reduce over W shares, and the loss's sums
+# split across workers. A reordered sum of n terms moves by at most n * eps * sum|terms|; over
+# the steps of a job SGD carries such differences on, amplified by the step's Jacobian. On an AMD
+# EPYC the float32 run of test_ray_train's 2-worker job ended 5.95e-6 apart after 4 steps, about
+# 50 float32 eps (1.2e-7). The same arithmetic in float64 scales that by eps64 / eps32 = 2^-29:
+# about 1.1e-14. 1e-9 leaves five orders of magnitude for other CPUs' orderings and is still six
+# below what one wrong step moves a weight (lr * |g|, about 1e-3).
+EXACT = 1e-9
