@@ -397,17 +397,43 @@ def check_resume(config: JobConfig, resume_from: str | None, allow_config_change
     return start
 
 
+def start_ray(address: str | None) -> None:
+    """Connects to the cluster at ``address``, or, without one, starts a Ray instance of this
+    process's own: never one that another process started (``RAY_ADDRESS``, the machine's
+    latest ``ray start``), which could go away with that process."""
+    import os
+
+    import ray
+
+    from rsk_dist.console import install_filters, job_runtime_env
+
+    install_filters()
+    if address is not None:
+        ray.init(address=address, runtime_env=job_runtime_env(), log_to_driver=True)
+        return
+    # Not passed on to the processes of the new instance either (they inherit this environment).
+    inherited = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        ray.init(address="local", runtime_env=job_runtime_env(), log_to_driver=True)
+    finally:
+        if inherited is not None:
+            os.environ["RAY_ADDRESS"] = inherited
+
+
 def fit(
     config: JobConfig, address: str | None = None, resume_from: str | None = None, allow_config_change: bool = False
 ) -> dict[str, Any]:
-    """Runs the job on a Ray cluster (a local one when ``address`` is None); returns the last
+    """Runs the job on a Ray cluster (a new local one when ``address`` is None, see
+    :func:`start_ray`); returns the last
     reported metrics and the URL of the last checkpoint. Re-running with the same
     ``run.storage_path`` and ``run.name`` resumes from that run's latest checkpoint, with the
     new config (fields that change the training only with ``allow_config_change``)."""
     import pyarrow.fs
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from rsk_dist.console import TRAIN_LOG_LEVEL
 
     from rsk_dist.storage import filesystem, preflight
 
@@ -421,7 +447,7 @@ def fit(
     check_resume(config, resume_from, allow_config_change)
     fs, path = filesystem(config.run.storage_path)
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        start_ray(address)
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     low, high = s.worker_range
@@ -438,6 +464,7 @@ def fit(
             storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
     )
     result = trainer.fit()
