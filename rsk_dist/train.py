@@ -328,12 +328,14 @@ def evaluate_checkpoint(
     protocol: str = "all",
     queries: DataSource | None = None,
     ground_truth: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Retrieval metrics of a checkpoint's model on ``data``, on this machine. ``protocol``:
+    """Retrieval metrics of a checkpoint's model on ``data``, on this machine's ``device``. ``protocol``:
     ``all`` (every image queries all others), ``vehicleid`` (one image per identity is the
     gallery, the rest query it) or ``revisited`` (``queries`` against the ``data`` gallery,
     medium/hard mAP from ``ground_truth``)."""
     model, config = load_model(checkpoint_url)
+    model.to(device)
 
     def embed(spec: DataSource) -> tuple[torch.Tensor, torch.Tensor]:
         return embed_with_checkpoint(model, config, spec, image_size)
