@@ -28,6 +28,7 @@ import contextlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -36,13 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsk_dist.config import DataConfig, DataSource
+from rsk_dist.config import DataConfig, DataSource, local_absolute
 from rsk_dist.preprocess import Preprocess
 from rsk_dist.storage import filesystem, redact
 
 RECORD_SUFFIX = ".preprocess.json"
 META_SUFFIX = ".meta.json"
 DEFAULT_CHUNK = 256
+JIT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"  # torch's FutureWarning; TorchScript is what was exported
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -150,7 +152,9 @@ class EmbeddingModel:
                 "checkpoint again (rsk-dist export writes it), or pass the checkpoint"
             ) from None
         self.preprocess = Preprocess.from_json(record)
-        self.module = torch.jit.load(io.BytesIO(_read(url)), map_location=self.device).eval()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", JIT_DEPRECATED, FutureWarning)
+            self.module = torch.jit.load(io.BytesIO(_read(url)), map_location=self.device).eval()
         self.chunk_size = DEFAULT_CHUNK
 
     def embed(self, inputs: Sequence[str | DataSource]) -> Embeddings:
@@ -160,7 +164,8 @@ class EmbeddingModel:
         parts = [self._embed_source(x) if isinstance(x, DataSource) else self._embed_files(x) for x in inputs]
         vectors, ids = np.concatenate([p[0] for p in parts]), [i for p in parts for i in p[1]]
         labels, classes = (parts[0][2], parts[0][3]) if len(parts) == 1 else (np.full(len(ids), -1), [])
-        return Embeddings(vectors, ids, labels.astype(np.int64), self.url, self.preprocess, classes)
+        # an absolute model path: search finds it from any directory
+        return Embeddings(vectors, ids, labels.astype(np.int64), local_absolute(self.url) or self.url, self.preprocess, classes)
 
     def _embed_source(self, spec: DataSource) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
         from rsk_dist.evaluate import embed_source

@@ -89,9 +89,13 @@ def test_quickstart_model_export_embed_index_search_recall_equals_eval(quickstar
     # float32 embeddings of unit length, by a traced copy of the same graph: within a few ulps
     np.testing.assert_allclose(exported.vectors, gallery.vectors, rtol=0, atol=1e-5)
     capsys.readouterr()
+    # embed's .npz serves as an index too
+    assert main(["embed", ckpt, "digits:test", "--out", str(tmp_path / "g.npz"), "--device", "cpu"]) == 0
+    assert main(["search", str(tmp_path / "g.npz"), str(tmp_path / "g.npz"), "--k", "3", "--json"]) == 0
+    assert _recall_at_1_of_search(json.loads(capsys.readouterr().out.split("\n", 1)[1])["results"]) == evaluated
     assert main(["search", str(tmp_path / "gallery.faiss"), str(tmp_path / "q.npz"), "--k", "2"]) == 0
     table = capsys.readouterr().out
-    assert table.startswith(f"query {gallery.ids[0]}") and "similarity" in table
+    assert table.splitlines()[1] == f"query {gallery.ids[0]}  ({gallery.labels[0]})" and "similarity" in table
 
 
 def _digit_pngs(folder: Path, count: int = 30) -> list[Path]:

@@ -1,8 +1,10 @@
-"""Model commands: ``eval`` a checkpoint, ``export`` its embedding model, ``export-index`` a gallery."""
+"""Model commands: ``eval`` a checkpoint, ``export`` its embedding model with its preprocessing
+record, ``export-index`` a gallery, ``embed`` images and ``search`` a gallery (:mod:`rsk_dist.index`)."""
 from __future__ import annotations
 
 import argparse
 import tempfile
+import warnings
 from pathlib import Path
 
 from rsk_dist.cli.common import (
@@ -40,7 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         missing = [m for m in ("onnx", "onnxscript") if not importable(m)]
         if missing:
             raise CLIError(f"ONNX export needs {' and '.join(missing)}: pip install onnx onnxscript")
-    from rsk_dist.index import RECORD_SUFFIX, EmbeddingModel
+    from rsk_dist.index import JIT_DEPRECATED, RECORD_SUFFIX, EmbeddingModel
 
     model = EmbeddingModel(args.checkpoint_url, "cpu", args.image_size)
     if model.config is None:
@@ -48,7 +50,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     pre = model.preprocess
     example = torch.zeros(2, model.config.model.in_channels, pre.size, pre.size)
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", JIT_DEPRECATED, FutureWarning)  # the user chose TorchScript
         if args.format == "torchscript":
             traced = torch.jit.trace(model.module, example)
             torch.jit.save(traced, buffer)
@@ -143,12 +146,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"index": redact(args.index), "k": int(rows.shape[1]), "results": results}))
         return 0
+    print("rank  similarity  distance  id  class   (cosine similarity; distance between the unit vectors)")
     for res in results:
         print(f"query {res['query']}" + (f"  ({res['class'] or res['label']})" if res["label"] is not None else ""))
         for hit in res["hits"]:
             tag = f"  {hit['class'] or hit['label']}" if hit["label"] is not None else ""
-            print(f"  {hit['rank']:>3}  {hit['similarity']:.4f}  {hit['distance']:.4f}  {hit['id']}{tag}")
-    print("columns: rank, cosine similarity, distance (Euclidean between the unit vectors), id, class")
+            print(f"{hit['rank']:>4}  {hit['similarity']:10.4f}  {hit['distance']:8.4f}  {hit['id']}{tag}")
     return 0
 
 
