@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from rsk_dist.cli.common import redact, url_arg
@@ -44,9 +47,23 @@ def cmd_gc_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layouts_help() -> str:
+    """The folder layouts ``ingest`` reads, from :mod:`rsk_dist.ingest.layouts`' docstring, read
+    without importing it (it imports torch: seconds, for every command)."""
+    source = Path(__file__).resolve().parent.parent / "ingest" / "layouts.py"
+    doc = ast.get_docstring(ast.parse(source.read_text())) or ""
+    return re.sub(r":\w+:`([^`]*)`", r"\1", doc[doc.find("Layouts"):]).replace("``", "")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ingest", help="write a data set as shards plus index to any fsspec URL")
-    p.add_argument("source", metavar="SOURCE", type=url_arg, help="the data set's folder or archive")
+    p = sub.add_parser("ingest", help="write a data set as shards plus index to any fsspec URL",
+                       epilog=_layouts_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pack the images of SOURCE into large shard objects plus a Parquet index\n"
+                                   "at TARGET_URL, which training reads by ranged requests. Re-running is a\n"
+                                   "no-op; running an interrupted ingest again completes it. Progress (files,\n"
+                                   "bytes, ETA) goes to stderr.")
+    p.add_argument("source", metavar="SOURCE", type=url_arg,
+                   help="the data set's folder or .zip, in the --layout given (see below)")
     p.add_argument("target_url", metavar="TARGET_URL", type=url_arg, help="e.g. s3://bucket/cub200")
     p.add_argument("--layout", required=True, choices=LAYOUTS)
     p.add_argument("--shard-mb", type=float, default=None, metavar="MB", help="target shard size (default 64)")
