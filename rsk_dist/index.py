@@ -97,6 +97,7 @@ def load_gallery(url: str) -> Embeddings:
                               Preprocess.from_json(str(f["preprocess"])), f["class_names"].tolist())
     import faiss
 
+    blob = _read(url)
     try:
         meta = json.loads(_read(url + META_SUFFIX))
     except FileNotFoundError:
@@ -104,7 +105,7 @@ def load_gallery(url: str) -> Embeddings:
             f"{redact(url)}{META_SUFFIX} is missing: an index written by an older export-index has no ids or "
             "preprocessing beside it; run export-index again"
         ) from None
-    idmap = faiss.deserialize_index(np.frombuffer(_read(url), dtype=np.uint8))
+    idmap = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
     rows = faiss.vector_to_array(idmap.id_map)
     vectors = faiss.downcast_index(idmap.index).reconstruct_n(0, idmap.ntotal)
     if sorted(rows.tolist()) != list(range(len(meta["ids"]))):
@@ -151,7 +152,10 @@ class EmbeddingModel:
                 f"{redact(url)}{RECORD_SUFFIX} is missing: the export's preprocessing record; export the "
                 "checkpoint again (rsk-dist export writes it), or pass the checkpoint"
             ) from None
-        self.preprocess = Preprocess.from_json(record)
+        try:
+            self.preprocess = Preprocess.from_json(record)
+        except ValueError as err:
+            raise ValueError(f"{redact(url)}{RECORD_SUFFIX}: {err}; export the checkpoint again") from None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", JIT_DEPRECATED, FutureWarning)
             self.module = torch.jit.load(io.BytesIO(_read(url)), map_location=self.device).eval()

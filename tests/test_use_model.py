@@ -198,14 +198,36 @@ def test_image_files_get_the_transform_of_an_image_folder_zip(tmp_path, monkeypa
 def test_embed_and_search_refuse_what_they_cannot_use(quickstart, tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not an image")
+    (tmp_path / "bad" / "y.pt").write_bytes(b"")
+    (tmp_path / "bad" / "y.pt.preprocess.json").write_text("{}")
     cases = [
         (["embed", str(quickstart), str(tmp_path / "bad"), "--out", str(tmp_path / "o.npz")], "cannot decode image"),
         (["embed", str(quickstart), str(tmp_path / "none"), "--out", str(tmp_path / "o.npz")], "does not exist"),
         (["embed", str(tmp_path / "bad" / "x.png"), "digits:test", "--out", str(tmp_path / "o.npz")], "preprocess.json is missing"),
         (["embed", str(quickstart), "digits:test", "--out", str(tmp_path / "o.npz"), "--device", "cuda:99"], "--device"),
-        (["search", str(tmp_path / "nothing.faiss"), "digits:test"], "meta.json"),
+        (["search", str(tmp_path / "nothing.faiss"), "digits:test"], "nothing.faiss"),
+        (["search", str(tmp_path / "bad" / "y.pt"), "digits:test"], "y.pt.meta.json is missing"),
+        (["embed", str(tmp_path / "bad" / "y.pt"), "digits:test", "--out", str(tmp_path / "o.npz")],
+         "y.pt.preprocess.json: not a preprocessing record"),
         (["eval", str(quickstart.parent / "runs"), "--data", "digits:test"], "not a complete checkpoint"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_a_preprocessing_record_round_trips_and_a_bad_one_is_refused():
+    record = Preprocess.streamed(224, 3)
+    assert json.loads(record.to_json()) == {
+        "format": "rsk_dist.preprocess/1", "size": 224, "channels": 3, "resize": "shorter_side_crop",
+        "invert": False, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+    }
+    assert Preprocess.from_json(record.to_json()) == record
+    for text, message in [
+        ('{"size": 8}', "not a preprocessing record"),
+        ('{"format": "rsk_dist.preprocess/1", "size": 8, "channels": 1}', "not a preprocessing record"),
+        ('{"format": "rsk_dist.preprocess/1", "size": 8, "channels": 2, "resize": "stretch"}', "channels must be 1"),
+        ('{"format": "rsk_dist.preprocess/1", "size": 8, "channels": 1, "resize": "stretch", "mean": [0.5]}', "mean and std"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Preprocess.from_json(text)
