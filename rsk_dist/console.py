@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 
 # Environment of every Ray process of a job (its runtime_env's env_vars).
 JOB_ENV = {
@@ -92,3 +93,25 @@ def setup_worker() -> None:
 def job_runtime_env() -> dict:
     """What ``ray.init`` adds to the job's runtime environment (merged with a submitted job's)."""
     return {"env_vars": dict(JOB_ENV), "worker_process_setup_hook": WORKER_SETUP_HOOK}
+
+
+class Terminated(Exception):
+    """The driver was sent SIGTERM (``rsk-dist stop``, ``ray job stop``, a pod's deletion)."""
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the driver with :class:`Terminated`, which the CLI reports in one line.
+    Installed after ``ray.init``: Ray's core worker installs a handler that prints a stack dump
+    (``*** SIGTERM received ...``) before exiting."""
+
+    def on_sigterm(signum: int, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated("stopped by SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def duration(seconds: float) -> str:
+    """``1h05m`` or ``3m07s``: an ETA on a progress line."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -21,6 +21,7 @@ from rsk_dist.checkpoint import (
     CheckpointError, checkpoint_name, cpu_copy, latest_checkpoint, load_model, load_state, publish_state, write_checkpoint,
 )
 from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, local_absolute
+from rsk_dist.console import duration
 from rsk_dist.data.feeder import Feeder
 from rsk_dist.data.sources import MemorySource, digits_split, zip_source
 from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
@@ -87,11 +88,6 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> tuple[torch.optim.Opt
         optimizer = cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Stepped once per epoch: lr_steps are epochs, as in the paper's schedules.
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_steps), cfg.lr_gamma)
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Trainer:
@@ -165,7 +161,7 @@ class Trainer:
                 print(
                     f"[rsk-dist] epoch {self.epoch + 1}/{c.train.epochs} step {done}/{total} "
                     f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.0f} img/s "
-                    f"ETA {_eta(rate * (total - done))}", flush=True,
+                    f"ETA {duration(rate * (total - done))}", flush=True,
                 )
                 self.monitor.log_step(done, metrics)
             summary = {**metrics, "epoch": self.epoch, "step": done}
@@ -407,19 +403,18 @@ def start_ray(address: str | None) -> None:
 
     import ray
 
-    from rsk_dist.console import install_filters, job_runtime_env
+    from rsk_dist.console import install_filters, job_runtime_env, stop_on_sigterm
 
     install_filters()
-    if address is not None:
-        ray.init(address=address, runtime_env=job_runtime_env(), log_to_driver=True)
-        return
-    # Not passed on to the processes of the new instance either (they inherit this environment).
-    inherited = os.environ.pop("RAY_ADDRESS", None)
+    # Without an address, RAY_ADDRESS is not passed on to the new instance's processes either.
+    inherited = os.environ.pop("RAY_ADDRESS", None) if address is None else None
     try:
-        ray.init(address="local", runtime_env=job_runtime_env(), log_to_driver=True)
+        ray.init(address=address or "local", runtime_env=job_runtime_env(), log_to_driver=True)
     finally:
         if inherited is not None:
             os.environ["RAY_ADDRESS"] = inherited
+    if threading.current_thread() is threading.main_thread():
+        stop_on_sigterm()
 
 
 def fit(

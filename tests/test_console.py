@@ -62,3 +62,32 @@ def test_quickstart_console_once_each_then_finished(tmp_path):
     assert str(tmp_path / "runs" / "quickstart") in again.stdout
     assert "[rsk-dist]" not in again.stdout + again.stderr, "a finished run trains nothing"
     assert not (tmp_path / "runs" / "quickstart" / "checkpoint_epoch_00004").exists()
+
+
+def test_ingest_progress_lines(tmp_path, capsys):
+    """``rsk-dist ingest`` reports files, bytes and percent on stderr: a line at the start and
+    the last at 100%, never one per shard (here every line after the first is throttled away
+    but the last, with an interval far longer than the test)."""
+    from rsk_dist.cli import main
+    from rsk_dist.cli.data import IngestProgress
+    from tests.images import image_bytes
+
+    src = tmp_path / "src"
+    for c in range(3):
+        for i in range(4):
+            path = src / f"class{c}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(10 * c + i))
+    total = sum(p.stat().st_size for p in src.rglob("*.png"))
+    assert main(["ingest", str(src), str(tmp_path / "out"), "--layout", "folders", "--shard-mb", "0.0005"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ingest:")]
+    assert lines[0].startswith("ingest: 0/12 files, 0 B of ") and lines[-1].startswith("ingest: 12/12 files, ")
+    assert "(100%)" in lines[-1] and 2 <= len(lines) < 12, lines  # several shards: ~600 bytes each
+
+    out: list[str] = []
+    throttled = IngestProgress(every_s=3600, out=type("W", (), {"write": out.append, "flush": lambda self: None})())
+    for done in range(0, total + 1, max(1, total // 10)):
+        throttled(done * 12 // total, 12, done, total)
+    throttled(12, 12, total, total)
+    progress = [line for line in "".join(out).splitlines() if line]
+    assert len(progress) == 2 and progress[0].startswith("ingest: 0/12 files") and "(100%)" in progress[1], progress

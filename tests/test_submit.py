@@ -257,6 +257,12 @@ def test_submit_then_stop(head, capsys, tmp_path):
                           "--set", f"run.storage_path={tmp_path}", "--address", head.address, "--no-wait")
     assert code == 0, err
     job_id = out.strip()
+    deadline = time.monotonic() + JOB_TIMEOUT_S  # stopped while it trains: its driver gets SIGTERM
+    logs = ""
+    while "[rsk-dist] epoch" not in logs and time.monotonic() < deadline:
+        time.sleep(2)
+        _, logs, _ = _run(capsys, "logs", job_id, "--address", head.address)
+    assert "[rsk-dist] epoch" in logs, logs[-4000:]
     code, out, err = _run(capsys, "stop", job_id, "--address", head.address)
     assert code == 0, err
     deadline = time.monotonic() + 60
@@ -266,6 +272,9 @@ def test_submit_then_stop(head, capsys, tmp_path):
             break
         time.sleep(1)
     assert out.strip() == "STOPPED"
+    _, logs, _ = _run(capsys, "logs", job_id, "--address", head.address)
+    assert "rsk-dist train: stopped by SIGTERM" in logs, logs[-4000:]
+    assert "SIGTERM received" not in logs and "Traceback" not in logs, logs[-4000:]
 
 
 def test_token_auth_header(head, capsys, monkeypatch, tmp_path):

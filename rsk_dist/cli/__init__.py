@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from rsk_dist.config import ConfigError
+    from rsk_dist.console import Terminated
 
     try:
         return int(args.func(args) or 0)
@@ -71,3 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rsk-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"rsk-dist {args.command}: stopped by SIGTERM; a training run resumes from its latest checkpoint "
+              "when run again", file=sys.stderr, flush=True)
+        return 143
