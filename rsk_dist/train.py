@@ -9,6 +9,7 @@ uninterrupted job would have.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import threading
 import time
@@ -399,8 +400,6 @@ def start_ray(address: str | None) -> None:
     """Connects to the cluster at ``address``, or, without one, starts a Ray instance of this
     process's own: never one that another process started (``RAY_ADDRESS``, the machine's
     latest ``ray start``), which could go away with that process."""
-    import os
-
     import ray
 
     from rsk_dist.console import install_filters, job_runtime_env, stop_on_sigterm
@@ -421,17 +420,16 @@ def fit(
     config: JobConfig, address: str | None = None, resume_from: str | None = None, allow_config_change: bool = False
 ) -> dict[str, Any]:
     """Runs the job on a Ray cluster (a new local one when ``address`` is None, see
-    :func:`start_ray`); returns the last
-    reported metrics and the URL of the last checkpoint. Re-running with the same
-    ``run.storage_path`` and ``run.name`` resumes from that run's latest checkpoint, with the
-    new config (fields that change the training only with ``allow_config_change``)."""
+    :func:`start_ray`); returns the last reported metrics and the URL of the last checkpoint.
+    Re-running with the same ``run.storage_path`` and ``run.name`` resumes from that run's
+    latest checkpoint, with the new config (fields that change the training only with
+    ``allow_config_change``)."""
     import pyarrow.fs
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rsk_dist.console import TRAIN_LOG_LEVEL
-
     from rsk_dist.storage import filesystem, preflight
 
     config = absolutize_paths(config)  # Ray workers run in other directories
