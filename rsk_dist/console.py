@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import os
 import signal
+import sys
 
 # Environment of every Ray process of a job (its runtime_env's env_vars).
 JOB_ENV = {
@@ -100,12 +101,14 @@ class Terminated(Exception):
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM ends the driver with :class:`Terminated`, which the CLI reports in one line.
-    Installed after ``ray.init``: Ray's core worker installs a handler that prints a stack dump
-    (``*** SIGTERM received ...``) before exiting."""
+    """SIGTERM prints one line and ends the driver with :class:`Terminated`. Installed after
+    ``ray.init``, replacing Ray's handlers (one prints a ``*** SIGTERM received ...`` stack
+    dump). The line comes first: the job server SIGKILLs a driver still cleaning up 3 s later."""
 
     def on_sigterm(signum: int, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        print("rsk-dist: stopped by SIGTERM (rsk-dist stop, or the node shutting down); the same command "
+              "resumes the run from its latest checkpoint", file=sys.stderr, flush=True)
         raise Terminated("stopped by SIGTERM")
 
     signal.signal(signal.SIGTERM, on_sigterm)

@@ -273,7 +273,7 @@ def test_submit_then_stop(head, capsys, tmp_path):
         time.sleep(1)
     assert out.strip() == "STOPPED"
     _, logs, _ = _run(capsys, "logs", job_id, "--address", head.address)
-    assert "rsk-dist train: stopped by SIGTERM" in logs, logs[-4000:]
+    assert "rsk-dist: stopped by SIGTERM" in logs, logs[-4000:]
     assert "SIGTERM received" not in logs and "Traceback" not in logs, logs[-4000:]
 
 

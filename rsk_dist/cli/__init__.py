@@ -72,7 +72,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rsk-dist {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print(f"rsk-dist {args.command}: stopped by SIGTERM; a training run resumes from its latest checkpoint "
-              "when run again", file=sys.stderr, flush=True)
+    except Terminated:  # its handler has said so
         return 143
