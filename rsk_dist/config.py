@@ -141,6 +141,7 @@ class ScalingConfig(Section):
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    # With use_gpu, exactly 1: NCCL needs one whole GPU per rank (see _check).
     gpus_per_worker: float = Field(1, ge=0)
 
     @property
@@ -154,6 +155,14 @@ class ScalingConfig(Section):
         low, high = self.worker_range
         if not 1 <= low <= high:
             raise ValueError(f"scaling.num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {self.num_workers}")
+        # Caught here, not at the first collective after the cluster is up: a fraction puts two
+        # ranks on one GPU (NCCL: "Duplicate GPU detected"), 0 hands CPU tensors to NCCL, and
+        # more than 1 leaves GPUs idle (a worker uses one device).
+        if self.use_gpu and self.gpus_per_worker != 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (one whole GPU per worker), got "
+                f"{self.gpus_per_worker:g}: set scaling.gpus_per_worker=1 and choose scaling.num_workers as the GPU count"
+            )
         return self
 
 
@@ -168,6 +177,11 @@ class RunConfig(Section):
     checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
+    # Retries after Ray drained a node of the job (a preemption it was told of), counted apart
+    # from max_failures; -1: retry forever. A SIGTERM notice counts as a failure.
+    max_preemptions: int = Field(-1, ge=-1)
+    # How long the other workers may run on past a drained node's deadline (to finish a checkpoint).
+    preemption_grace_s: float = Field(0, ge=0)
     resume_from: Url | None = None  # a checkpoint URL to start from
 
 

@@ -13,6 +13,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -95,7 +96,12 @@ class Trainer:
     """The components of one worker's training, and its loop. Runs with or without Ray:
     ``report(metrics, state_or_None)`` is how it hands out metrics and checkpoint states."""
 
-    def __init__(self, config: JobConfig, device: torch.device, state: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: JobConfig, device: torch.device, state: dict[str, Any] | None = None,
+        draining: Callable[[], bool] | None = None,
+    ) -> None:
+        """``draining``: the cluster's notice that a node of the job is being drained (see
+        :class:`~rsk_dist.preemption.CheckpointSchedule`)."""
         self.config, self.device = config, device
         c = config
         torch.manual_seed(c.sampler.seed)  # the same initial weights on every worker
@@ -117,7 +123,9 @@ class Trainer:
         self.step = LargeBatchStep(self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler)
         # Progress: epochs done, steps done in the next one and their losses (for its summary).
         self.epoch, self.step_in_epoch, self.losses, self.history, self.best = 0, 0, [], [], -math.inf
-        self.schedule = CheckpointSchedule(c.run.checkpoint_every, c.run.checkpoint_every_steps, c.train.epochs, device)
+        self.schedule = CheckpointSchedule(
+            c.run.checkpoint_every, c.run.checkpoint_every_steps, c.train.epochs, device, draining
+        )
         # TensorBoard events and training.png beside the checkpoints, written by rank 0 alone
         self.monitor = RunMonitor(c.run.storage_path, c.run.name, enabled=rank_and_world()[0] == 0)
         if state is not None:
@@ -146,7 +154,8 @@ class Trainer:
     def run(self, report) -> None:
         """Trains to the last epoch, from where the state left off. ``report(metrics, state)``
         is called on every worker at each checkpoint (``state`` on rank 0, None elsewhere);
-        after a preemption notice, at the checkpoint of that step, then :class:`Preempted` is raised."""
+        after a preemption notice, at the checkpoint of that step, then :class:`Preempted` is raised;
+        when the cluster starts draining a node, at the checkpoint of that step, and training goes on."""
         c = self.config
         rank, _ = rank_and_world()
         total = c.train.epochs * self.steps_per_epoch
@@ -168,8 +177,11 @@ class Trainer:
             summary = {**metrics, "epoch": self.epoch, "step": done}
             if self.step_in_epoch == self.steps_per_epoch:
                 summary = self._end_epoch()
-            preempted = self.schedule.preempted()
-            if preempted or self.schedule.due(self.epoch, self.step_in_epoch):
+            preempted, drained = self.schedule.preempted(), self.schedule.drained()
+            if drained and rank == 0:
+                print(f"[rsk-dist] a node of this job is being drained: checkpointing step {done}; training goes "
+                      "on until Ray stops the job and retries it from there", flush=True)
+            if preempted or drained or self.schedule.due(self.epoch, self.step_in_epoch):
                 report(summary, self.state() if rank == 0 else None)
                 self.monitor.sync()
             if preempted:
@@ -275,7 +287,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # before a driver dies, unregistered. Its manifest makes it as safe to load.
     start = latest_checkpoint(join(config.run.storage_path, config.run.name)) or loop_config.get("resume_from")
     state = load_state(start, map_location=device) if start else None
-    trainer = Trainer(config, device, state)
+    trainer = Trainer(config, device, state, draining=lambda: ray.train.get_preemption_info() is not None)
     try:
         trainer.run(RayCheckpointReport(config.run.checkpoint_upload, trainer.steps_per_epoch))
     except Preempted:
@@ -352,7 +364,16 @@ def evaluate_checkpoint(
 
 def _preemptible_torch_config(backend: str):
     """Ray's TorchConfig whose workers also take SIGTERM as a preemption notice: the handler
-    must be installed on each worker's main thread, where Ray runs its setup, not its training."""
+    must be installed on each worker's main thread, where Ray runs its setup, not its training.
+
+    Ray 2.60's public preemption route (``ray.train.get_preemption_info`` with
+    ``FailureConfig.max_preemption_failures``) only covers nodes Ray itself drains, which
+    :class:`Trainer` reacts to. It cannot replace this private subclass: a SIGTERM sent from outside
+    Ray (a Kubernetes pod deletion, ``docker stop``) never becomes a drain, and no public hook runs
+    code on each worker's main thread, where alone a signal handler can be installed (the training
+    function runs on another thread; ``worker_process_setup_hook`` is taken from ``ray.init``'s
+    job-wide runtime_env only, not from ``RunConfig.worker_runtime_env``, and would then run in
+    every worker process of the job)."""
     from ray.train.torch import TorchConfig
     from ray.train.torch.config import _TorchBackend
 
@@ -457,7 +478,10 @@ def fit(
             name=config.run.name,
             storage_path=path,
             storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            failure_config=FailureConfig(
+                max_failures=config.run.max_failures, max_preemption_failures=config.run.max_preemptions,
+                preemption_grace_s=config.run.preemption_grace_s,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
