@@ -6,10 +6,10 @@ Fixed where each comes from, so that real errors stay visible:
 - Ray Train replaces ``print`` in its workers by a logger that writes to stderr while the
   print still reaches stdout: every line twice. ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` keeps the
   plain print.
-- Ray Train's preemption watcher is an actor created with ``max_restarts`` and arguments in the
-  object store, which Ray logs as an error line at every start (ray-project/ray#53727). Our
-  workers take SIGTERM as their preemption notice (:mod:`rsk_dist.preemption`) and never ask
-  Ray's watcher, so it is turned off.
+- Ray Train's preemption watcher (which :mod:`rsk_dist.preemption` relies on for drained
+  nodes) is an actor created with ``max_restarts`` and arguments in the object store, which
+  Ray's core worker logs as an error line at every start (ray-project/ray#53727): the driver
+  skips that one line (``RAY_DEDUP_LOGS_SKIP_REGEX``, read when Ray is imported).
 - Ray Train's placement-group cleaner finds its cluster through the state API, which, with no
   ``RAY_ADDRESS``, picks the machine's latest ``ray start`` cluster (or fails, with a traceback,
   when there are several) instead of its own: :func:`setup_worker` sets ``RAY_ADDRESS`` to the
@@ -29,10 +29,9 @@ import signal
 import sys
 
 # Environment of every Ray process of a job (its runtime_env's env_vars).
-JOB_ENV = {
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
+JOB_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Lines of other processes the driver does not print.
+SKIPPED_LINES = r"'PreemptionWatcher' .*constructor arguments in the object store and max_restarts > 0"
 TRAIN_LOG_LEVEL = "WARNING"  # Ray Train's ray.train loggers on the console
 WORKER_SETUP_HOOK = "rsk_dist.console.setup_worker"
 
@@ -81,6 +80,12 @@ def install_filters() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DemoteToDebug) for f in logger.filters):
             logger.addFilter(DemoteToDebug(logger, prefixes))
+
+
+def quiet_driver() -> None:
+    """Makes this process skip :data:`SKIPPED_LINES` of other processes; must run before it
+    imports Ray (``rsk-dist train`` does; a program calling :func:`rsk_dist.train.fit` may)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", SKIPPED_LINES)
 
 
 def setup_worker() -> None:

@@ -139,6 +139,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"train.epochs=N (N > {config.train.epochs}), or a new run with --set run.name=NEW_NAME."
         ))
         return 0
+    from rsk_dist.console import quiet_driver
+
+    quiet_driver()
     from rsk_dist.train import fit
 
     started = time.perf_counter()
