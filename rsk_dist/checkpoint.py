@@ -157,6 +157,6 @@ def load_model(url: str, map_location: str | torch.device = "cpu") -> tuple[torc
     config = JobConfig.model_validate(state["config"])
     m = config.model
     model = build_model(m.name, dim=m.dim, pooling=m.pooling, pretrained=False, in_channels=m.in_channels,
-                        dropout=m.dropout, freeze_bn=m.freeze_bn)
+                        dropout=m.dropout, freeze_bn=m.freeze_bn, width=m.width)
     model.load_state_dict(state["model"])
     return model.eval(), config

@@ -8,6 +8,10 @@ slice of the cached gradient), then :meth:`LargeBatchStep.optimizer_step` (unsca
 gradients, skip a step with inf/NaN, update the scale). The parameter gradient equals one
 full-batch backward because ``d loss / d theta = sum_i (d loss / d e_i) (d e_i / d theta)`` and
 pass 2 replays exactly the pass-1 forward of every ``e_i``.
+
+Asymmetric training adds a frozen ``teacher``: one more forward of the batch, chunked, without a
+graph, under the same autocast; its embeddings are the gallery the loss's queries rank
+(``loss_fn(..., gallery=...)``). It gets no gradient, so it needs no second pass.
 """
 from __future__ import annotations
 
@@ -63,7 +67,8 @@ class LargeBatchStep:
     """One training step over a batch of any size; leaves summed gradients in ``.grad``.
 
     ``loss_fn`` is called as ``loss_fn(embeddings, labels, generator=generator)`` on all the
-    batch's embeddings (float32); a distributed loss wrapper makes that the global batch.
+    batch's embeddings (float32), with ``gallery=`` the teacher's embeddings when there is a
+    ``teacher`` (frozen: see rsk_dist.teacher); a distributed loss wrapper makes that the global batch.
     :meth:`step` leaves the gradients in ``.grad`` (multiplied by the GradScaler's scale under
     float16) for the caller to sum over workers; :meth:`optimizer_step` then applies them.
     """
@@ -75,6 +80,7 @@ class LargeBatchStep:
         chunk_size: int,
         autocast_dtype: torch.dtype | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -85,18 +91,20 @@ class LargeBatchStep:
         self.chunk_size = chunk_size
         self.autocast_dtype = autocast_dtype
         self.grad_scaler = grad_scaler
+        self.teacher = teacher
         warn_if_batchnorm_updates(model)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _forward(self, images: Tensor) -> Tensor:
+    def _forward(self, images: Tensor, model: nn.Module | None = None) -> Tensor:
+        model = self.model if model is None else model
         if self.autocast_dtype is None:
-            return self.model(images)
+            return model(images)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
             # The loss runs in float32: bf16 similarities would blur ranks at tau2 = 0.01.
-            return self.model(images).float()
+            return model(images).float()
 
     def embed(self, images: Tensor) -> tuple[Tensor, list[RngState]]:
         """Pass 1: embeddings of all chunks without a graph, and each chunk's RNG state."""
@@ -107,13 +115,21 @@ class LargeBatchStep:
                 outputs.append(self._forward(chunk.to(self.device, non_blocking=True)))
         return torch.cat(outputs), states
 
+    @torch.no_grad()
+    def embed_teacher(self, images: Tensor) -> Tensor:
+        """The teacher's embeddings of all chunks: the gallery of asymmetric losses."""
+        return torch.cat([self._forward(chunk.to(self.device, non_blocking=True), self.teacher)
+                          for chunk in images.split(self.chunk_size)])
+
     def embedding_gradient(
-        self, embeddings: Tensor, labels: Tensor, generator: torch.Generator | None = None
+        self, embeddings: Tensor, labels: Tensor, generator: torch.Generator | None = None,
+        gallery: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The loss on all embeddings and its gradient with respect to each of them."""
         embeddings = embeddings.detach().requires_grad_()
+        with_gallery = {} if gallery is None else {"gallery": gallery}
         with torch.enable_grad():
-            loss = self.loss_fn(embeddings, labels.to(embeddings.device), generator=generator)
+            loss = self.loss_fn(embeddings, labels.to(embeddings.device), generator=generator, **with_gallery)
             (grad,) = torch.autograd.grad(loss, embeddings)
         return loss.detach(), grad
 
@@ -130,17 +146,18 @@ class LargeBatchStep:
         self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
     ) -> StepResult:
         t0 = _clock(self.device)
+        gallery = self.embed_teacher(images) if self.teacher is not None else None
+        tt = _clock(self.device)
         embeddings, states = self.embed(images)
         t1 = _clock(self.device)
-        loss, grad = self.embedding_gradient(embeddings, labels, generator)
+        loss, grad = self.embedding_gradient(embeddings, labels, generator, gallery)
         t2 = _clock(self.device)
         self.backward(images, grad, states)
         t3 = _clock(self.device)
-        return StepResult(
-            loss=float(loss),
-            embeddings=embeddings,
-            timings={"embed_s": t1 - t0, "loss_s": t2 - t1, "backward_s": t3 - t2},
-        )
+        timings = {"embed_s": t1 - tt, "loss_s": t2 - t1, "backward_s": t3 - t2}
+        if self.teacher is not None:
+            timings["teacher_s"] = tt - t0
+        return StepResult(loss=float(loss), embeddings=embeddings, timings=timings)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Steps ``optimizer`` on the gradients in ``.grad``; returns whether it stepped.

@@ -56,6 +56,7 @@ def train_step(
         "embed_s": result.timings["embed_s"],
         "loss_s": result.timings["loss_s"] - loss_stats.get("comm_s", 0.0),
         "backward_s": result.timings["backward_s"],
+        **({"teacher_s": result.timings["teacher_s"]} if "teacher_s" in result.timings else {}),
         "comm_s": comm_s,
         "step_s": t4 - t0,
         "bytes_received": loss_stats.get("bytes_received", 0.0) + grad_bytes * (world - 1) / world,

@@ -294,12 +294,16 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 2, 4, 8),
     chunk_size: int = 4096,
     use_faiss: bool | None = None,
+    gallery: Tensor | None = None,
 ) -> dict[str, float]:
     """Recall@k, MAP@R and R-precision of every sample against all the others, by cosine
     similarity (spec §7). Keys ``recall@<k>``, ``map@r``, ``r_precision``; queries whose class
-    has no other sample are left out (see :func:`_metrics`)."""
+    has no other sample are left out (see :func:`_metrics`). ``gallery``: another model's
+    embeddings of the same samples (asymmetric retrieval: row i the same image as query i,
+    still left out of its own results)."""
     emb = F.normalize(embeddings.detach(), dim=1)
-    return _metrics(emb, labels, emb, labels, ks, True, chunk_size, use_faiss)
+    other = emb if gallery is None else F.normalize(gallery.detach(), dim=1)
+    return _metrics(emb, labels, other, labels, ks, True, chunk_size, use_faiss)
 
 
 def retrieval_metrics_qg(

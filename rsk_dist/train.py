@@ -22,21 +22,24 @@ from torch import nn
 from rsk_dist.checkpoint import (
     CheckpointError, checkpoint_name, cpu_copy, latest_checkpoint, load_model, load_state, publish_state, write_checkpoint,
 )
-from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, local_absolute
+from rsk_dist.config import (
+    DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, check_teacher_fits, local_absolute,
+)
 from rsk_dist.console import duration
 from rsk_dist.data.feeder import Feeder
 from rsk_dist.data.sources import MemorySource, digits_split, zip_source
 from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
 from rsk_dist.engine import LargeBatchStep
-from rsk_dist.evaluate import embed_source, evaluate
+from rsk_dist.evaluate import embed_source, evaluate, three_settings
 from rsk_dist.metrics import retrieval_metrics, revisited_map, vehicleid_metrics
-from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate
+from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, Regression
 from rsk_dist.loop import train_step
 from rsk_dist.models import build_model
 from rsk_dist.monitor import RunMonitor
 from rsk_dist.preemption import CheckpointSchedule, Preempted
 from rsk_dist.sampler import ClassBalancedSampler
 from rsk_dist.storage import join
+from rsk_dist.teacher import load_teacher, teacher_model_config
 
 if TYPE_CHECKING:  # Ray is imported where it is used: importing this module stays light
     import ray.train
@@ -75,9 +78,12 @@ def build_loss(cfg: LossConfig) -> GlobalBatchLoss:
         loss: nn.Module = RecallAtKSurrogate(
             k=cfg.k, tau1=cfg.tau1, tau2=cfg.tau2, simix=cfg.simix,
             rank_includes_query=cfg.rank_includes_query, chunk_size=cfg.chunk_size,
+            asymmetric=cfg.asymmetric, self_positive=cfg.asymmetric_self_positive,
         )
+    elif cfg.name == "regression":
+        loss = Regression()
     else:
-        loss = MetricLearningLoss(cfg.name, **cfg.options)
+        loss = MetricLearningLoss(cfg.name, asymmetric=cfg.asymmetric, self_positive=cfg.asymmetric_self_positive, **cfg.options)
     return GlobalBatchLoss(loss, cfg.mode)
 
 
@@ -108,9 +114,11 @@ class Trainer:
         self.model = build_model(
             c.model.name, dim=c.model.dim, pooling=c.model.pooling, pretrained=c.model.pretrained,
             in_channels=c.model.in_channels, dropout=c.model.dropout, freeze_bn=c.model.freeze_bn,
-            channels_last=c.model.channels_last, compile=c.model.compile,
+            channels_last=c.model.channels_last, compile=c.model.compile, width=c.model.width,
         ).to(device)
         self.loss = build_loss(c.loss)
+        # Frozen: it is in no optimizer, gets no gradient and stays in eval mode (rsk_dist.teacher).
+        self.teacher = load_teacher(c.teacher, device) if c.teacher is not None else None
         self.optimizer, self.scheduler = build_optimizer(c.optim, self.model)
         cpus = c.scaling.cpus_per_worker
         self.train_data = open_source(c.data.train, c.data, True, c.sampler.seed, c.model.in_channels, device, cpus)
@@ -120,7 +128,7 @@ class Trainer:
         )
         self.steps_per_epoch = c.train.steps_per_epoch or self.sampler.steps_per_epoch
         scaler = torch.amp.GradScaler(device.type) if c.train.autocast == "fp16" else None
-        self.step = LargeBatchStep(self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler)
+        self.step = LargeBatchStep(self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler, self.teacher)
         # Progress: epochs done, steps done in the next one and their losses (for its summary).
         self.epoch, self.step_in_epoch, self.losses, self.history, self.best = 0, 0, [], [], -math.inf
         self.schedule = CheckpointSchedule(
@@ -200,11 +208,14 @@ class Trainer:
                                    "loss": sum(self.losses) / len(self.losses), "workers": rank_and_world()[1]}
         self.step_in_epoch, self.losses = 0, []
         if self.eval_data is not None and (self.epoch % c.train.eval_every == 0 or last):
-            summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size))
+            summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size,
+                                    teacher=self.teacher))
             if rank == 0:
                 print("[rsk-dist] eval " + " ".join(f"{k} {v:.4f}" for k, v in summary.items() if "@" in k or "precision" in k), flush=True)
-            if summary["recall@1"] > self.best:
-                self.best = summary["recall@1"]
+            # An asymmetric student is for querying the teacher's gallery: the best is the best at that.
+            key = "recall@1" if self.teacher is None else "asymmetric_recall@1"
+            if summary[key] > self.best:
+                self.best = summary[key]
                 if rank == 0:
                     self._publish_best(summary)
         self.history.append(summary)
@@ -337,18 +348,28 @@ def evaluate_checkpoint(
     protocol: str = "all",
     queries: DataSource | None = None,
     ground_truth: str | None = None,
+    gallery_model: str | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Retrieval metrics of a checkpoint's model on ``data``, on this machine's ``device``. ``protocol``:
     ``all`` (every image queries all others), ``vehicleid`` (one image per identity is the
     gallery, the rest query it) or ``revisited`` (``queries`` against the ``data`` gallery,
-    medium/hard mAP from ``ground_truth``)."""
+    medium/hard mAP from ``ground_truth``). ``gallery_model``: a teacher's checkpoint, whose
+    embeddings are the gallery of asymmetric retrieval (protocol ``all``): metrics in the three
+    settings of :func:`rsk_dist.evaluate.three_settings`, each model with its own preprocessing."""
     model, config = load_model(checkpoint_url)
     model.to(device)
 
     def embed(spec: DataSource) -> tuple[torch.Tensor, torch.Tensor]:
         return embed_with_checkpoint(model, config, spec, image_size)
 
+    if gallery_model is not None:
+        if protocol != "all":
+            raise ValueError(f"--gallery-model evaluates with protocol all, not {protocol!r}")
+        teacher, teacher_config = load_model(gallery_model)
+        teacher.to(device)
+        student_emb, labels = embed(data)
+        return three_settings(student_emb, embed_with_checkpoint(teacher, teacher_config, data, image_size)[0], labels, ks)
     if protocol == "all":
         return retrieval_metrics(*embed(data), ks=ks)
     if protocol == "vehicleid":
@@ -459,8 +480,10 @@ def fit(
             preflight(spec.url, need_index=True, split=spec.split)
     resume_from = local_absolute(resume_from) or config.run.resume_from
     preflight(config.run.storage_path, need_index=False, writable=True)
-    # Refuses a bad checkpoint or config change before any worker starts.
+    # Refuses a bad checkpoint or config change, or a teacher that does not fit, before any worker starts.
     check_resume(config, resume_from, allow_config_change)
+    if config.teacher is not None:
+        check_teacher_fits(teacher_model_config(config.teacher), config.model)
     fs, path = filesystem(config.run.storage_path)
     if not ray.is_initialized():
         start_ray(address)

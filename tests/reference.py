@@ -82,17 +82,23 @@ def naive_simix(emb: Tensor, labels: list[int], generator: torch.Generator) -> t
     return extended, labels + [c for _, _, c in pairs]
 
 
-def naive_contrastive(emb: Tensor, labels: list[int], pos_margin: float = 0.0, neg_margin: float = 1.0) -> Tensor:
+def naive_contrastive(
+    emb: Tensor, labels: list[int], pos_margin: float = 0.0, neg_margin: float = 1.0,
+    ref: Tensor | None = None, self_positive: bool = False,
+) -> Tensor:
     """Contrastive loss as pytorch-metric-learning defines it: over ordered pairs i != j of
     L2-normalised embeddings at Euclidean distance d, positives cost max(0, d - pos_margin) and
-    negatives max(0, neg_margin - d); each kind is averaged over its non-zero terms, then summed."""
+    negatives max(0, neg_margin - d); each kind is averaged over its non-zero terms, then summed.
+    With ``ref`` (asymmetric: a teacher's embeddings of the same samples) pair (i, j) is
+    emb[i] and ref[j], and (i, i) is a positive when ``self_positive``."""
     emb = emb / emb.norm(dim=1, keepdim=True)
+    other = emb if ref is None else ref / ref.norm(dim=1, keepdim=True)
     pos, neg = [], []
     for i in range(len(labels)):
         for j in range(len(labels)):
-            if i == j:
+            if i == j and not (ref is not None and self_positive):
                 continue
-            d = (emb[i] - emb[j]).norm()
+            d = (emb[i] - other[j]).norm()
             if labels[i] == labels[j]:
                 pos.append(torch.clamp(d - pos_margin, min=0))
             else:

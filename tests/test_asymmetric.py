@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from rsk_dist.losses import recall
-from rsk_dist.losses import RecallAtKSurrogate, recall_at_k_surrogate
-from tests.reference import naive_asymmetric_rsk, naive_simix
+from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, Regression, recall_at_k_surrogate
+from tests.reference import naive_asymmetric_rsk, naive_contrastive, naive_simix
 from tests.test_loss import LABELS, batch
 
 
@@ -120,3 +120,39 @@ def test_bad_gallery_is_an_error():
         RecallAtKSurrogate(asymmetric=True)(student, y)
     with pytest.raises(ValueError, match="asymmetric=True"):
         RecallAtKSurrogate()(student, y, gallery=student)
+    with pytest.raises(ValueError, match="gallery="):
+        Regression()(student, y)
+    with pytest.raises(ValueError, match="dims must agree"):
+        MetricLearningLoss("contrastive", asymmetric=True)(student, y, gallery=student[:4])
+
+
+@pytest.mark.parametrize("self_positive", [True, False])  # Contr+ and Contr
+def test_asymmetric_contrastive_matches_naive_reference(self_positive):
+    student = batch(LABELS)
+    teacher = teacher_of(student)
+    # Margins where most pairs are active, both kinds.
+    options = dict(pos_margin=0.3, neg_margin=1.3)
+    ref, ref_grad = grads(lambda e: naive_contrastive(e, LABELS, ref=teacher, self_positive=self_positive, **options), student)
+    loss = MetricLearningLoss("contrastive", asymmetric=True, self_positive=self_positive, **options)
+    ours, our_grad = grads(lambda e: loss(e, torch.tensor(LABELS), None, gallery=teacher), student)
+    assert ref_grad.abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(our_grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_contr_plus_differs_from_contr():
+    student, y = batch(LABELS), torch.tensor(LABELS)
+    teacher = teacher_of(student)
+    plus, plain = (MetricLearningLoss("contrastive", asymmetric=True, self_positive=s, pos_margin=0.3, neg_margin=1.3)
+                   (student, y, gallery=teacher) for s in (True, False))
+    assert abs(plus.item() - plain.item()) > 1e-3
+
+
+def test_regression_is_minus_the_mean_cosine_with_the_teacher():
+    student = batch(LABELS)
+    teacher = teacher_of(student)
+    ref, ref_grad = grads(lambda e: -sum(e[i] @ teacher[i] / e[i].norm() for i in range(len(LABELS))) / len(LABELS),
+                          student * 2)  # not unit: the cosine normalises
+    ours, our_grad = grads(lambda e: Regression()(e, torch.tensor(LABELS), gallery=teacher), student * 2)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(our_grad, ref_grad, rtol=1e-9, atol=1e-12)

@@ -28,7 +28,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     queries = parse_data_spec(args.queries, args.exclude_class) if args.queries else None
     metrics = evaluate_checkpoint(args.checkpoint_url, data=data, image_size=args.image_size, ks=tuple(args.k),
                                   protocol=args.protocol, queries=queries, ground_truth=args.ground_truth,
-                                  device=_device(args))
+                                  gallery_model=args.gallery_model, device=_device(args))
     print_metrics(dict(metrics), redact(f"{args.checkpoint_url} on {args.data}:"))
     return 0
 
@@ -172,6 +172,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "revisited: --queries against the --data gallery, Revisited Oxford/Paris mAP")
     p.add_argument("--queries", metavar="KIND:URL[:SPLIT]", type=url_arg, help="query images for --protocol revisited")
     p.add_argument("--ground-truth", metavar="URL", type=url_arg, help="ground-truth JSON for --protocol revisited")
+    p.add_argument("--gallery-model", metavar="CHECKPOINT_URL", type=url_arg,
+                   help="a teacher checkpoint that embeds the gallery: metrics symmetric, asymmetric_ and teacher_")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint's embedding model, with its preprocessing record")

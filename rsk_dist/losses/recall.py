@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from rsk_dist.grouping import LabelGroups
+from rsk_dist.losses.gallery import check_gallery
 from rsk_dist.losses.simix import Mixing, mixing
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -303,13 +304,7 @@ def recall_at_k_surrogate(
         embeddings = embeddings.float()
     labels = labels.reshape(-1).to(embeddings.device).long()
     if gallery is not None:
-        if gallery.shape != embeddings.shape:
-            raise ValueError(
-                f"the gallery must hold one row per query of the same dimension, got {tuple(gallery.shape)} "
-                f"for embeddings {tuple(embeddings.shape)}: teacher and student dims must agree"
-            )
-        if gallery.requires_grad:
-            raise ValueError("the gallery of asymmetric RS@k is a constant (a frozen teacher's): pass gallery.detach()")
+        check_gallery(True, gallery, embeddings)
         if rank_includes_query:
             raise ValueError(
                 "rank_includes_query is for symmetric RS@k; in asymmetric RS@k the query's own gallery row is "
@@ -385,12 +380,7 @@ class RecallAtKSurrogate(nn.Module):
         query_shard: tuple[int, int] | None = None,
         gallery: Tensor | None = None,
     ) -> Tensor:
-        if self.asymmetric != (gallery is not None):
-            raise ValueError(
-                "asymmetric RS@k needs the teacher's embeddings of the batch: loss(embeddings, labels, generator, "
-                "gallery=...)" if self.asymmetric else
-                "a gallery was passed to symmetric RS@k: construct RecallAtKSurrogate(asymmetric=True)"
-            )
+        check_gallery(self.asymmetric, gallery, embeddings)
         return recall_at_k_surrogate(
             embeddings, labels, k=self.k, tau1=self.tau1, tau2=self.tau2, simix=self.simix,
             rank_includes_query=self.rank_includes_query, chunk_size=self.chunk_size,
