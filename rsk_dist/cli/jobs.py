@@ -100,9 +100,11 @@ def _job_call(fn, *a, **kw):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from rsk_dist.config import dump_config
+    from rsk_dist.config import absolutize_paths, dump_config
+    from rsk_dist.prestart import check_data
 
     config = load(args.config, args.set)
+    check_data(absolutize_paths(config))  # what train checks before any worker starts
     sys.stdout.write(dump_config(config))
     low, high = config.scaling.worker_range
     batch = config.sampler.batch_size
