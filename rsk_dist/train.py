@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 import math
+import os
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from rsk_dist.checkpoint import (
 from rsk_dist.config import (
     DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, check_teacher_fits, local_absolute,
 )
+from rsk_dist.console import duration
 from rsk_dist.data.feeder import Feeder
 from rsk_dist.data.sources import MemorySource, digits_split, zip_source
 from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
@@ -144,11 +146,6 @@ def check_state(
     return old
 
 
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class Trainer:
     """The components of one worker's training, and its loop. Runs with or without Ray:
     ``report(metrics, state_or_None)`` is how it hands out metrics and checkpoint states."""
@@ -240,7 +237,7 @@ class Trainer:
                 print(
                     f"[rsk-dist] epoch {self.epoch + 1}/{c.train.epochs} step {done}/{total} "
                     f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.0f} img/s "
-                    f"ETA {_eta(rate * (total - done))}", flush=True,
+                    f"ETA {duration(rate * (total - done))}", flush=True,
                 )
                 self.monitor.log_step(done, metrics)
             summary = {**metrics, "epoch": self.epoch, "step": done}
@@ -507,13 +504,34 @@ def check_resume(
     return start
 
 
+def start_ray(address: str | None) -> None:
+    """Connects to the cluster at ``address``, or, without one, starts a Ray instance of this
+    process's own: never one that another process started (``RAY_ADDRESS``, the machine's
+    latest ``ray start``), which could go away with that process."""
+    import ray
+
+    from rsk_dist.console import install_filters, job_runtime_env, stop_on_sigterm
+
+    install_filters()
+    # Without an address, RAY_ADDRESS is not passed on to the new instance's processes either.
+    inherited = os.environ.pop("RAY_ADDRESS", None) if address is None else None
+    try:
+        ray.init(address=address or "local", runtime_env=job_runtime_env(), log_to_driver=True)
+    finally:
+        if inherited is not None:
+            os.environ["RAY_ADDRESS"] = inherited
+    if threading.current_thread() is threading.main_thread():
+        stop_on_sigterm()
+
+
 def fit(
     config: JobConfig, address: str | None = None, resume_from: str | None = None, allow_config_change: bool = False
 ) -> dict[str, Any]:
-    """Runs the job on a Ray cluster (a local one when ``address`` is None); returns the last
-    reported metrics and the URL of the last checkpoint. Re-running with the same
-    ``run.storage_path`` and ``run.name`` resumes from that run's latest checkpoint, with the
-    new config (fields that change the training only with ``allow_config_change``)."""
+    """Runs the job on a Ray cluster (a new local one when ``address`` is None, see
+    :func:`start_ray`); returns the last reported metrics and the URL of the last checkpoint.
+    Re-running with the same ``run.storage_path`` and ``run.name`` resumes from that run's
+    latest checkpoint, with the new config (fields that change the training only with
+    ``allow_config_change``)."""
     from rsk_dist.prestart import check_data
     from rsk_dist.storage import preflight
 
@@ -534,14 +552,15 @@ def fit(
 def _fit(config: JobConfig, address: str | None, resume_from: str | None, allow_config_change: bool, holder: str) -> dict[str, Any]:
     import pyarrow.fs
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from rsk_dist.console import TRAIN_LOG_LEVEL
     from rsk_dist.storage import filesystem
 
     fs, path = filesystem(config.run.storage_path)
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        start_ray(address)
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     low, high = s.worker_range
@@ -562,6 +581,7 @@ def _fit(config: JobConfig, address: str | None, resume_from: str | None, allow_
                 preemption_grace_s=config.run.preemption_grace_s,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
     )
     result = trainer.fit()

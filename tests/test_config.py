@@ -240,7 +240,7 @@ def test_build_submission_carries_no_secrets(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     config = load_config(ROOT / "jobs" / "quickstart.yaml", ["train.epochs=1"])
     entrypoint, env = cli.build_submission(config, ["train.epochs=1"], tmp_path)
-    assert entrypoint == "python -m rsk_dist.cli train job.yaml --set train.epochs=1"
+    assert entrypoint == "python -m rsk_dist.cli train job.yaml --address auto --set train.epochs=1"
     assert "env_vars" not in env
     assert env["working_dir"] == str(tmp_path) and Path(env["py_modules"][0]).name == "rsk_dist"
     assert load_config(tmp_path / "job.yaml") == config
