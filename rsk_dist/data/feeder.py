@@ -19,13 +19,13 @@ from rsk_dist.preprocess import to_float
 
 
 class Feeder:
-    """``feeder(indices, key)`` is ``source(indices, key)`` with the images as floats on
+    """``feeder(indices, key)`` is ``source(indices, key)`` with the images as ``dtype`` floats on
     ``device``; ``labels``, ``source`` and ``prefetch`` as the source's. ``fetch_s``: seconds
     the last call's fetching took, wherever and whenever it ran (the source's ``last_fetch_s``;
     for a source without one, the call's own time)."""
 
-    def __init__(self, source: Any, device: torch.device | str = "cpu") -> None:
-        self.source, self.device = source, torch.device(device)
+    def __init__(self, source: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.source, self.device, self.dtype = source, torch.device(device), dtype
         self.labels: Tensor = source.labels
         self.fetch_s = 0.0
         self._ahead = -1  # the last global step prefetched
@@ -55,5 +55,6 @@ class Feeder:
         if self.device.type == "cuda":
             images = images.pin_memory()  # unverified here: no GPU was lent to the session that wrote it
         images = to_float(images.to(self.device, non_blocking=True), getattr(self.source, "mean", None), getattr(self.source, "std", None))
+        images = images.to(self.dtype)
         self.fetch_s = getattr(self.source, "last_fetch_s", time.perf_counter() - t0)
         return images, labels

@@ -207,6 +207,7 @@ def ingest(
     overwrite: bool = False,
     threads: int = 8,
     on_shard_written: Callable[[str, int, int], None] | None = None,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> IngestResult:
     """Packs the images of ``source`` (a folder, an image-folder zip or an fsspec URL) in
     ``layout`` into shards plus an index at ``target_url``; see the module docstring.
@@ -214,7 +215,9 @@ def ingest(
     ``default_split``: the split of a ``folders`` source without split folders.
     ``overwrite``: replace a complete ingest at the target (of different content, or the same
     content when it was damaged).
-    ``on_shard_written(name, done, total)``: called after each shard is stored (progress).
+    ``on_shard_written(name, done, total)``: called after each shard is stored.
+    ``on_progress(files_done, files_total, bytes_done, bytes_total)``: called once before the
+    first shard is written (counting those a resumed ingest finds done) and after each shard.
     Returns what was done; raises :class:`IngestError` / :class:`StorageError` naming the
     file and the problem.
     """
@@ -226,7 +229,8 @@ def ingest(
     try:
         kwargs = {"default_split": default_split} if layout == "folders" else {}
         plan = _plan(tree, LAYOUT_FUNCS[layout](tree, **kwargs), layout, shard_bytes)
-        return _write(tree, plan, target_url, layout, shard_bytes, overwrite, threads, on_shard_written, source)
+        return _write(tree, plan, target_url, layout, shard_bytes, overwrite, threads, on_shard_written, source,
+                      on_progress)
     finally:
         tree.close()
 
@@ -241,6 +245,7 @@ def _write(
     threads: int,
     on_shard_written: Callable[[str, int, int], None] | None,
     source: str,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> IngestResult:
     fs, root = filesystem(url)
     splits: dict[str, int] = {}
@@ -295,6 +300,11 @@ def _write(
     if shard_info:
         log.info("resuming the ingest into %s: %d of %d shards already written", redact(url), len(shard_info), len(plan.shards))
 
+    totals = (len(plan.where), sum(size for _, members in plan.shards for _, _, size in members))
+    files_done = sum(len(members) for name, members in plan.shards if name in shard_info)
+    bytes_done = sum(info["size"] for info in shard_info.values())
+    if on_progress is not None:
+        on_progress(files_done, totals[0], bytes_done, totals[1])
     pool = ThreadPoolExecutor(max(1, threads)) if tree.parallel_reads and threads > 1 else None
     try:
         for number, (name, members) in enumerate(plan.shards, start=1):
@@ -323,6 +333,9 @@ def _write(
             log.info("ingest %s: wrote %s (%d/%d)", redact(url), name, number, len(plan.shards))
             if on_shard_written is not None:
                 on_shard_written(name, number, len(plan.shards))
+            files_done, bytes_done = files_done + len(members), bytes_done + len(data)
+            if on_progress is not None:
+                on_progress(files_done, totals[0], bytes_done, totals[1])
     finally:
         if pool:
             pool.shutdown(wait=True)
