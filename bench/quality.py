@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,8 +73,10 @@ ASYMMETRIC_RUNS = {
 def train_model(
     model: torch.nn.Module, loss: torch.nn.Module, seed: int, epochs: int, train: MemorySource,
     batch: int = 272, m: int = 4, teacher: torch.nn.Module | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> torch.nn.Module:
-    """``model`` trained on ``train`` with ``loss`` (asymmetric against ``teacher``), Adam 1e-3."""
+    """``model`` trained on ``train`` with ``loss`` (asymmetric against ``teacher``), Adam 1e-3;
+    ``on_epoch(epoch, last loss)`` after each epoch (bench/asymmetric_check.py's curves)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=4e-4)
     step = LargeBatchStep(model, loss, chunk_size=64, teacher=teacher)
     sampler = ClassBalancedSampler(train.labels, batch, samples_per_class=m, seed=seed)
@@ -81,7 +84,9 @@ def train_model(
     source = MemorySource(train.images, train.labels, augment_seed=seed)
     for epoch in range(epochs):
         for s in range(steps):
-            train_step(step, optimizer, sampler, source, epoch, s)
+            metrics = train_step(step, optimizer, sampler, source, epoch, s)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics["loss"])
     return model
 
 
