@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from rsk_dist.grouping import LabelGroups
 from rsk_dist.losses.simix import Mixing, mixing
+from rsk_dist.numerics import loss_matmul_precision
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
 
@@ -251,6 +252,7 @@ def recall_at_k_surrogate(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     query_shard: tuple[int, int] | None = None,
+    tf32: bool = False,
 ) -> Tensor:
     """RS@k of a batch (spec §1), with SiMix virtual samples when ``simix`` (spec §2).
 
@@ -260,7 +262,8 @@ def recall_at_k_surrogate(
     (contiguous, sized by rsk_dist.sampler.shard_bounds; with SiMix also the i-th of n
     contiguous parts of the virtual samples) while still dividing by the number of valid
     queries in the whole batch: the n parts add up to the full loss, which is how workers
-    share the loss (spec §4).
+    share the loss (spec §4). Its float32 matmuls run in full float32 on CUDA whatever torch's
+    global precision, unless ``tf32`` (faster on Ampere and later, similarities off by ~1e-3).
     """
     ks = tuple(int(v) for v in k)
     if not ks or min(ks) < 1:
@@ -298,10 +301,11 @@ def recall_at_k_surrogate(
             "the batch has no positive pair (every label is unique), so RS@k is undefined: "
             "sample at least two images per class (a class-balanced sampler does this)"
         )
-    return _RecallSurrogateFunction.apply(
-        embeddings, mix, queries, classes, ks, float(tau1), float(tau2),
-        bool(rank_includes_query), chunk_size, normalizer,
-    )
+    with loss_matmul_precision(tf32):
+        return _RecallSurrogateFunction.apply(
+            embeddings, mix, queries, classes, ks, float(tau1), float(tau2),
+            bool(rank_includes_query), chunk_size, normalizer,
+        )
 
 
 class RecallAtKSurrogate(nn.Module):
@@ -315,6 +319,7 @@ class RecallAtKSurrogate(nn.Module):
         simix: bool = False,
         rank_includes_query: bool = False,
         chunk_size: int | None = None,
+        tf32: bool = False,
     ) -> None:
         super().__init__()
         self.k = tuple(int(v) for v in k)
@@ -322,6 +327,7 @@ class RecallAtKSurrogate(nn.Module):
         self.simix = simix
         self.rank_includes_query = rank_includes_query
         self.chunk_size = chunk_size
+        self.tf32 = tf32
 
     def forward(
         self,
@@ -333,11 +339,11 @@ class RecallAtKSurrogate(nn.Module):
         return recall_at_k_surrogate(
             embeddings, labels, k=self.k, tau1=self.tau1, tau2=self.tau2, simix=self.simix,
             rank_includes_query=self.rank_includes_query, chunk_size=self.chunk_size,
-            generator=generator, query_shard=query_shard,
+            generator=generator, query_shard=query_shard, tf32=self.tf32,
         )
 
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, tau1={self.tau1}, tau2={self.tau2}, simix={self.simix}, "
-            f"rank_includes_query={self.rank_includes_query}, chunk_size={self.chunk_size}"
+            f"rank_includes_query={self.rank_includes_query}, chunk_size={self.chunk_size}, tf32={self.tf32}"
         )
