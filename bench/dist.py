@@ -63,20 +63,25 @@ def one_step(loss: torch.nn.Module, shard: torch.Tensor, labels: torch.Tensor, w
     t0 = time.perf_counter()
     # The same seed on every worker and every step: all draw the same SiMix weights (spec §2).
     loss(shard, labels, generator=torch.Generator().manual_seed(0)).backward()
+    if shard.is_cuda:
+        torch.cuda.synchronize()  # kernels are asynchronous: time their completion
     elapsed = time.perf_counter() - t0
     if world == 1:  # no process group: the wrapper is the plain loss and keeps no stats
         return {"loss_s": elapsed, "comm_s": 0.0, "bytes_received": 0.0}
     return dict(loss.stats)
 
 
-def worker(rank: int, world: int, port: int, n: int, dim: int, repeats: int, threads: int, out_dir: str) -> None:
+def worker(rank: int, world: int, port: int, n: int, dim: int, repeats: int, threads: int, out_dir: str,
+           device: str = "cpu") -> None:
+    """``device``: where the embeddings live; every worker on the same one (gloo can share a GPU
+    between processes, NCCL cannot)."""
     torch.set_num_threads(threads)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(0)
-        emb = F.normalize(torch.randn(n, dim, generator=g), dim=1)
-        labels = torch.arange(n // PER_CLASS).repeat_interleave(PER_CLASS)
+        emb = F.normalize(torch.randn(n, dim, generator=g), dim=1).to(device)
+        labels = torch.arange(n // PER_CLASS, device=device).repeat_interleave(PER_CLASS)
         bounds = shard_bounds(n, world)
         rows = slice(bounds[rank], bounds[rank + 1])
         shard, shard_labels = emb[rows].clone().requires_grad_(), labels[rows].clone()
@@ -90,10 +95,10 @@ def worker(rank: int, world: int, port: int, n: int, dim: int, repeats: int, thr
             dist.destroy_process_group()
 
 
-def run_world(world: int, n: int, dim: int, repeats: int, threads: int) -> dict[str, dict[str, float]]:
+def run_world(world: int, n: int, dim: int, repeats: int, threads: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Per mode: each stat's max over workers in each step, then its median over steps."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(world, free_port(), n, dim, repeats, threads, out_dir), nprocs=world)
+        mp.spawn(worker, args=(world, free_port(), n, dim, repeats, threads, out_dir, device), nprocs=world)
         per_rank = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(world)]
     summary = {}
     for mode, steps in per_rank[0].items():

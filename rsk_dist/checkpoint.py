@@ -85,10 +85,7 @@ def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dic
     try:
         manifest = json.loads(fs.cat_file(posixpath.join(path, MANIFEST)))
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{redact(url)} is not a complete checkpoint (no {MANIFEST}): it was interrupted while being "
-            "written or is not a checkpoint directory; resume from an earlier one"
-        ) from None
+        raise CheckpointError(_not_a_checkpoint(str(url))) from None
     except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
         manifest = None
     if not isinstance(manifest, dict) or type(manifest.get("bytes")) is not int or not isinstance(manifest.get("sha256"), str):
@@ -114,6 +111,22 @@ def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dic
             f"{redact(url)}: {STATE} matches its manifest but cannot be loaded safely ({type(err).__name__}: "
             f"{str(err)[:300]}); resume from another checkpoint"
         ) from None
+
+
+def _not_a_checkpoint(url: str) -> str:
+    """Why ``url`` (a directory without a manifest) is not a checkpoint, and what to pass instead."""
+    from rsk_dist.storage import filesystem, join, redact
+
+    latest = latest_checkpoint(url)
+    fs, path = filesystem(url)
+    best = join(url, "best") if fs.exists(join(path, "best", MANIFEST)) else None
+    if latest or best:
+        choices = " or ".join(f"{what} {redact(u)}" for what, u in (("its latest checkpoint", latest), ("its best model", best)) if u)
+        return f"{redact(url)} is a run folder, not a checkpoint: pass {choices}"
+    return (
+        f"{redact(url)} is not a complete checkpoint (no {MANIFEST}): it was interrupted while being "
+        "written or is not a checkpoint directory; resume from an earlier one"
+    )
 
 
 def latest_checkpoint(run_url: str) -> str | None:
@@ -144,6 +157,6 @@ def load_model(url: str, map_location: str | torch.device = "cpu") -> tuple[torc
     config = JobConfig.model_validate(state["config"])
     m = config.model
     model = build_model(m.name, dim=m.dim, pooling=m.pooling, pretrained=False, in_channels=m.in_channels,
-                        dropout=m.dropout, freeze_bn=m.freeze_bn)
+                        dropout=m.dropout, freeze_bn=m.freeze_bn, width=m.width)
     model.load_state_dict(state["model"])
     return model.eval(), config

@@ -32,6 +32,7 @@ class ModelConfig(Section):
     pooling: Literal["avg", "gem", "cls"] | None = None
     pretrained: bool | str = False  # True: torchvision's download; a path: a local state dict
     in_channels: int = Field(3, ge=1)
+    width: int | None = Field(None, ge=8)  # small_cnn's channels (None: 64); a multiple of 8 (GroupNorm)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_bn: bool = True
     compile: bool = False  # torch.compile the backbone (first steps slower while it compiles)
@@ -39,7 +40,8 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    name: Literal["rsk", "contrastive", "multi_similarity"] = "rsk"
+    # regression: onto a teacher's embedding of the same image (asymmetric only)
+    name: Literal["rsk", "contrastive", "multi_similarity", "regression"] = "rsk"
     k: tuple[int, ...] = (1, 2, 4, 8, 16)
     tau1: float = Field(1.0, gt=0)
     tau2: float = Field(0.01, gt=0)
@@ -51,9 +53,17 @@ class LossConfig(Section):
     # magnifies 100x. Off: full float32, whatever torch's global matmul precision.
     tf32: bool = False
     options: dict[str, float | int | bool | str] = {}  # keyword arguments of a baseline loss
+    # Asymmetric: the student's embeddings query the teacher's embeddings of the batch (needs a
+    # teacher section); the query's own teacher embedding is a positive unless self_positive is off.
+    asymmetric: bool = False
+    asymmetric_self_positive: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
+        if self.name == "regression" and not self.asymmetric:
+            raise ValueError("loss.name regression regresses onto a teacher: set loss.asymmetric: true and a teacher section")
+        if self.asymmetric and self.rank_includes_query:
+            raise ValueError("loss.rank_includes_query is for symmetric RS@k; asymmetric RS@k uses asymmetric_self_positive")
         if self.name != "rsk" and (self.simix or self.mode == "sharded"):
             raise ValueError("simix and mode='sharded' are RS@k features: set loss.name: rsk")
         if self.name == "rsk" and self.options:
@@ -151,6 +161,7 @@ class ScalingConfig(Section):
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    # With use_gpu, exactly 1: NCCL needs one whole GPU per rank (see _check).
     gpus_per_worker: float = Field(1, ge=0)
 
     @property
@@ -164,6 +175,14 @@ class ScalingConfig(Section):
         low, high = self.worker_range
         if not 1 <= low <= high:
             raise ValueError(f"scaling.num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {self.num_workers}")
+        # Caught here, not at the first collective after the cluster is up: a fraction puts two
+        # ranks on one GPU (NCCL: "Duplicate GPU detected"), 0 hands CPU tensors to NCCL, and
+        # more than 1 leaves GPUs idle (a worker uses one device).
+        if self.use_gpu and self.gpus_per_worker != 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (one whole GPU per worker), got "
+                f"{self.gpus_per_worker:g}: set scaling.gpus_per_worker=1 and choose scaling.num_workers as the GPU count"
+            )
         return self
 
 
@@ -178,11 +197,34 @@ class RunConfig(Section):
     checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
+    # Retries after Ray drained a node of the job (a preemption it was told of), counted apart
+    # from max_failures; -1: retry forever. A SIGTERM notice counts as a failure.
+    max_preemptions: int = Field(-1, ge=-1)
+    # How long the other workers may run on past a drained node's deadline (to finish a checkpoint).
+    preemption_grace_s: float = Field(0, ge=0)
     resume_from: Url | None = None  # a checkpoint URL to start from
+
+
+class TeacherConfig(Section):
+    """The frozen teacher of an asymmetric loss: an rsk_dist ``checkpoint`` (any URL; its model),
+    or a ``model`` built here, a torchvision backbone whose ``pretrained`` is a local state-dict
+    file (its head then a fixed random projection, the same on every worker)."""
+
+    checkpoint: Url | None = None
+    model: ModelConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherConfig:
+        if (self.checkpoint is None) == (self.model is None):
+            raise ValueError("a teacher is either a checkpoint or a model, exactly one of them")
+        if self.model is not None and not isinstance(self.model.pretrained, str):
+            raise ValueError("teacher.model.pretrained must be a local state-dict file: a teacher is trained already")
+        return self
 
 
 class JobConfig(Section):
     model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig | None = None
     loss: LossConfig = LossConfig()
     data: DataConfig
     sampler: SamplerConfig
@@ -191,11 +233,33 @@ class JobConfig(Section):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
 
+    @model_validator(mode="after")
+    def _check_teacher(self) -> JobConfig:
+        if self.loss.asymmetric != (self.teacher is not None):
+            raise ValueError(
+                "loss.asymmetric: true needs a teacher section (teacher.checkpoint or teacher.model)"
+                if self.loss.asymmetric else "a teacher is used by asymmetric losses only: set loss.asymmetric: true"
+            )
+        if self.teacher is not None and self.teacher.model is not None:
+            check_teacher_fits(self.teacher.model, self.model)
+        return self
+
+
+def check_teacher_fits(teacher: ModelConfig, student: ModelConfig) -> None:
+    """Raises unless the student's embeddings live where the teacher's do and both read the same images."""
+    if teacher.dim != student.dim:
+        raise ValueError(
+            f"the teacher's embeddings are {teacher.dim}-d but model.dim is {student.dim}: set model.dim: {teacher.dim} "
+            "(the student's head is the learned linear map into the teacher's space)"
+        )
+    if teacher.in_channels != student.in_channels:
+        raise ValueError(f"the teacher reads {teacher.in_channels}-channel images but model.in_channels is {student.in_channels}")
+
 
 # What a resumed run may not change without --allow-config-change: the fields that change the
 # training's maths. Epochs, evaluation, logging, scaling, checkpointing and the data's
 # performance settings (how data is read and decoded, compilation, memory layout) apply on resume.
-MATHS_SECTIONS = ("model", "loss", "data", "sampler", "optim")
+MATHS_SECTIONS = ("model", "teacher", "loss", "data", "sampler", "optim")
 MATHS_FIELDS = ("train.steps_per_epoch", "train.autocast", "train.tf32")
 NOT_MATHS = (
     "data.eval", "data.prefetch_steps", "data.cache_dir", "data.cache_max_bytes", "data.read_concurrency", "data.merge_gap",
@@ -297,7 +361,7 @@ def local_absolute(url: str | None) -> str | None:
 
 
 def absolutize_paths(config: JobConfig) -> JobConfig:
-    """The config with its local data, storage and resume paths absolute (see :func:`local_absolute`)."""
+    """The config with its local data, storage, resume and teacher paths absolute (see :func:`local_absolute`)."""
     data = config.data
     sources = {
         name: spec.model_copy(update={"url": local_absolute(spec.url)})
@@ -310,6 +374,8 @@ def absolutize_paths(config: JobConfig) -> JobConfig:
     updates = {"run": run}
     if sources or data.cache_dir:
         updates["data"] = data.model_copy(update={**sources, "cache_dir": local_absolute(data.cache_dir)})
+    if config.teacher is not None and config.teacher.checkpoint:
+        updates["teacher"] = config.teacher.model_copy(update={"checkpoint": local_absolute(config.teacher.checkpoint)})
     return config.model_copy(update=updates)
 
 

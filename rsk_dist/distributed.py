@@ -5,6 +5,12 @@ worker holds the global N x d matrix, computes the global loss (``replicated``: 
 ``sharded``: the terms of 1/W of the queries, embedding gradients then summed across workers)
 and returns, as the gradient of the worker's own rows, exactly what the global loss gives them.
 :func:`sum_gradients` then adds the workers' parameter gradients.
+
+An asymmetric loss (a frozen teacher's ``gallery`` of the batch) all-gathers the gallery too. In
+``sharded`` mode a worker's queries are then its own rows, whose loss terms need no other
+worker's student rows and give them no gradient: the student embeddings are neither gathered
+nor their gradients exchanged. SiMix keeps that when no class is split between workers (its
+virtual queries go with their class's worker); otherwise the exchange is as in symmetric mode.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rsk_dist.clock import Clock
+from rsk_dist.grouping import LabelGroups
 from rsk_dist.sampler import shard_bounds
 
 Mode = Literal["replicated", "sharded"]
@@ -80,6 +87,14 @@ class ShardLayout:
         _reduce_scatter(out, padded, group=self.group)
         return out[: self.own_rows.stop - self.own_rows.start]
 
+    def splits_a_class(self, labels: Tensor) -> bool:
+        """Whether some class of the global ``labels`` has members in two shards."""
+        groups = LabelGroups(labels)
+        bounds = torch.tensor(self.bounds[1:-1], device=labels.device)
+        first = groups.order[groups.starts]
+        last = groups.order[groups.starts + groups.counts - 1]  # members ascend within a class
+        return bool((torch.bucketize(first, bounds, right=True) != torch.bucketize(last, bounds, right=True)).any())
+
     def bytes_received(self, row_bytes: int) -> float:
         """Bytes a worker receives in one gather (or, ring algorithms, one reduce-scatter) of
         rows of ``row_bytes``: the other workers' padded shards."""
@@ -123,11 +138,17 @@ class GlobalBatchLoss(nn.Module):
         self.stats: dict[str, float] = {}
 
     def forward(
-        self, embeddings: Tensor, labels: Tensor, generator: torch.Generator | None = None
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+        gallery: Tensor | None = None,
     ) -> Tensor:
+        """``gallery``: this worker's rows of a frozen teacher's embeddings, for an asymmetric loss."""
         rank, world = rank_and_world(self.group)
+        with_gallery = {} if gallery is None else {"gallery": gallery.detach()}
         if world == 1:
-            return self.loss(embeddings, labels, generator=generator)
+            return self.loss(embeddings, labels, generator=generator, **with_gallery)
         if generator is None and getattr(self.loss, "simix", False):
             raise ValueError(
                 "SiMix across workers needs a generator: without one each worker draws its own "
@@ -140,18 +161,34 @@ class GlobalBatchLoss(nn.Module):
             clock.start()
         t0 = clock.mark("loss")
         layout = ShardLayout(embeddings.shape[0], embeddings.device, self.group)
-        global_emb = layout.gather(embeddings.detach()).requires_grad_()
         global_labels = layout.gather(labels.to(embeddings.device))
+        row_bytes = embeddings[0].numel() * embeddings.element_size()
+        received = 0.0
+        if gallery is not None:
+            with_gallery = {"gallery": layout.gather(gallery.detach())}
+            received += layout.bytes_received(gallery[0].numel() * gallery.element_size())
+        own_rows_only = gallery is not None and self.mode == "sharded" and not (
+            getattr(self.loss, "simix", False) and layout.splits_a_class(global_labels)
+        )
+        if own_rows_only:
+            # The other workers' rows are never read: zeros stand in for them.
+            global_emb = embeddings.new_zeros((layout.bounds[-1], *embeddings.shape[1:]))
+            global_emb[layout.own_rows] = embeddings.detach()
+        else:
+            global_emb = layout.gather(embeddings.detach())
+            received += layout.bytes_received(row_bytes)  # the others' embeddings
+        global_emb.requires_grad_()
         t1 = clock.mark("comm")
         shard = {} if self.mode == "replicated" else {"query_shard": (rank, world)}
         with torch.enable_grad():
-            value = self.loss(global_emb, global_labels, generator=generator, **shard)
+            value = self.loss(global_emb, global_labels, generator=generator, **shard, **with_gallery)
             (grad,) = torch.autograd.grad(value, global_emb)
         t2 = clock.mark("loss")
         value = value.detach()
-        row_bytes = global_emb[0].numel() * global_emb.element_size()
-        received = layout.bytes_received(row_bytes)  # the others' embeddings
-        if self.mode == "sharded":
+        if own_rows_only:
+            own = grad[layout.own_rows]
+            dist.all_reduce(value, group=self.group)
+        elif self.mode == "sharded":
             own = layout.sum_own_rows(grad)
             dist.all_reduce(value, group=self.group)
             received += layout.bytes_received(row_bytes)

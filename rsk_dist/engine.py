@@ -15,6 +15,10 @@ is embedded, in both passes. Phase boundaries go through one :class:`rsk_dist.cl
 A compiled model sees one input shape: the last chunk is padded to the first chunk's size and the
 padding rows dropped, so that it builds one graph with gradients and one without instead of
 recompiling for the ragged chunk (which differs between workers when W does not divide B).
+
+Asymmetric training adds a frozen ``teacher``: one more forward of the batch, chunked, without a
+graph, under the same autocast; its embeddings are the gallery the loss's queries rank
+(``loss_fn(..., gallery=...)``). It gets no gradient, so it needs no second pass.
 """
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ class LargeBatchStep:
     """One training step over a batch of any size; leaves summed gradients in ``.grad``.
 
     ``loss_fn`` is called as ``loss_fn(embeddings, labels, generator=generator)`` on all the
-    batch's embeddings (float32); a distributed loss wrapper makes that the global batch.
+    batch's embeddings (float32), with ``gallery=`` the teacher's embeddings when there is a
+    ``teacher`` (frozen: see rsk_dist.teacher); a distributed loss wrapper makes that the global batch.
     :meth:`step` leaves the gradients in ``.grad`` (multiplied by the GradScaler's scale under
     float16) for the caller to sum over workers; :meth:`optimizer_step` then applies them.
     ``normalize`` turns a chunk of uint8 images, on the device, into the model's float input
@@ -82,6 +87,7 @@ class LargeBatchStep:
         grad_scaler: torch.amp.GradScaler | None = None,
         normalize: Callable[[Tensor], Tensor] | None = None,
         clock: Clock | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -94,22 +100,24 @@ class LargeBatchStep:
         self.grad_scaler = grad_scaler
         self.normalize = normalize
         self.clock = clock or Clock(self.device)
+        self.teacher = teacher
         warn_if_batchnorm_updates(model)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _chunks(self, images: Tensor) -> tuple[list[Tensor], int]:
-        """The chunks, and the rows to pad each to: the first chunk's for a compiled model."""
+    def _chunks(self, images: Tensor, model: nn.Module) -> tuple[list[Tensor], int]:
+        """The chunks, and the rows to pad each to: the first chunk's for a compiled ``model``."""
         if images.dtype == torch.uint8 and self.normalize is None:
             raise ValueError("uint8 images need normalize= (e.g. Feeder.normalize): the model takes floats")
         chunks = list(images.split(self.chunk_size))
-        return chunks, chunks[0].shape[0] if chunks and is_compiled(self.model) else 0
+        return chunks, chunks[0].shape[0] if chunks and is_compiled(model) else 0
 
-    def _forward(self, chunk: Tensor, rows: int) -> Tensor:
-        """The model's float output on ``chunk``, moved to the device, normalised (uint8),
-        padded to ``rows`` rows (if fewer) and cut back."""
+    def _forward(self, chunk: Tensor, rows: int, model: nn.Module | None = None) -> Tensor:
+        """The float output of the model (or ``model``) on ``chunk``, moved to the device,
+        normalised (uint8), padded to ``rows`` rows (if fewer) and cut back."""
+        model = self.model if model is None else model
         x = chunk.to(self.device, non_blocking=True)
         if self.normalize is not None:
             x = self.normalize(x)
@@ -117,28 +125,36 @@ class LargeBatchStep:
         if n < rows:
             x = torch.cat([x, x.new_zeros((rows - n, *x.shape[1:]))])
         if self.autocast_dtype is None:
-            return self.model(x)[:n]
+            return model(x)[:n]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
             # The loss runs in float32: bf16 similarities would blur ranks at tau2 = 0.01.
-            return self.model(x)[:n].float()
+            return model(x)[:n].float()
 
     def embed(self, images: Tensor) -> tuple[Tensor, list[RngState]]:
         """Pass 1: embeddings of all chunks without a graph, and each chunk's RNG state."""
         states, outputs = [], []
-        chunks, rows = self._chunks(images)
+        chunks, rows = self._chunks(images, self.model)
         with torch.no_grad():
             for chunk in chunks:
                 states.append(_capture_rng(self.device))
                 outputs.append(self._forward(chunk, rows))
         return torch.cat(outputs), states
 
+    @torch.no_grad()
+    def embed_teacher(self, images: Tensor) -> Tensor:
+        """The teacher's embeddings of all chunks: the gallery of asymmetric losses."""
+        chunks, rows = self._chunks(images, self.teacher)
+        return torch.cat([self._forward(chunk, rows, self.teacher) for chunk in chunks])
+
     def embedding_gradient(
-        self, embeddings: Tensor, labels: Tensor, generator: torch.Generator | None = None
+        self, embeddings: Tensor, labels: Tensor, generator: torch.Generator | None = None,
+        gallery: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The loss on all embeddings and its gradient with respect to each of them."""
         embeddings = embeddings.detach().requires_grad_()
+        with_gallery = {} if gallery is None else {"gallery": gallery}
         with torch.enable_grad():
-            loss = self.loss_fn(embeddings, labels.to(embeddings.device), generator=generator)
+            loss = self.loss_fn(embeddings, labels.to(embeddings.device), generator=generator, **with_gallery)
             (grad,) = torch.autograd.grad(loss, embeddings)
         return loss.detach(), grad
 
@@ -146,7 +162,7 @@ class LargeBatchStep:
         """Pass 2: re-run each chunk with its RNG state and backpropagate its cached gradient."""
         if self.grad_scaler is not None:
             grad = self.grad_scaler.scale(grad)
-        chunks, rows = self._chunks(images)
+        chunks, rows = self._chunks(images, self.model)
         for chunk, chunk_grad, state in zip(chunks, grad.split(self.chunk_size), states):
             with _replay_rng(state, self.device):
                 out = self._forward(chunk, rows)
@@ -156,19 +172,24 @@ class LargeBatchStep:
         self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
     ) -> StepResult:
         """Both passes; ``timings`` are the seconds of ``embed_s``, ``loss_s``, ``backward_s``
-        (and ``comm_s`` of a loss sharing the clock). A caller that started the clock (the
-        training loop, which also times data and the optimizer) reads the record from it."""
+        (``teacher_s`` with a teacher, and ``comm_s`` of a loss sharing the clock). A caller that
+        started the clock (the training loop, which also times data and the optimizer) reads the
+        record from it."""
         own = not self.clock.running
         if own:
             self.clock.start()
+        gallery = None
+        if self.teacher is not None:
+            gallery = self.embed_teacher(images)
+            self.clock.mark("teacher")
         embeddings, states = self.embed(images)
         self.clock.mark("embed")
-        loss, grad = self.embedding_gradient(embeddings, labels, generator)
+        loss, grad = self.embedding_gradient(embeddings, labels, generator, gallery)
         self.clock.mark("loss")
         self.backward(images, grad, states)
         self.clock.mark("backward")
         seconds = self.clock.stop() if own else self.clock.seconds()
-        phases = ("embed", "loss", "comm", "backward")
+        phases = ("teacher", "embed", "loss", "comm", "backward")
         return StepResult(
             loss=float(loss),
             embeddings=embeddings,

@@ -64,7 +64,23 @@ def evaluate(
     ks: tuple[int, ...] = (1, 2, 4, 8),
     chunk_size: int = 256,
     group: dist.ProcessGroup | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Recall@k, MAP@R and R-precision of ``model`` on ``source`` (query excluded)."""
+    """Recall@k, MAP@R and R-precision of ``model`` on ``source`` (query excluded). With a
+    ``teacher`` (asymmetric training), in three settings: symmetric (``model`` on both sides:
+    the plain keys), asymmetric (``model``'s queries against the teacher's gallery: keys
+    prefixed ``asymmetric_``) and the teacher's own (``teacher_``)."""
     emb, labels = embed_source(model, source, chunk_size, group)
-    return retrieval_metrics(emb, labels, ks=ks)
+    if teacher is None:
+        return retrieval_metrics(emb, labels, ks=ks)
+    return three_settings(emb, embed_source(teacher, source, chunk_size, group)[0], labels, ks)
+
+
+def three_settings(student: Tensor, teacher: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, float]:
+    """Metrics of a student and a teacher's embeddings of the same images: symmetric (plain
+    keys), student queries against the teacher's gallery (``asymmetric_``), teacher alone (``teacher_``)."""
+    metrics = retrieval_metrics(student, labels, ks=ks)
+    for prefix, queries in (("asymmetric_", student), ("teacher_", teacher)):
+        settings = retrieval_metrics(queries, labels, ks=ks, gallery=teacher)
+        metrics.update({prefix + key: value for key, value in settings.items()})
+    return metrics

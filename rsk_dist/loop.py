@@ -56,6 +56,7 @@ def train_step(
         "embed_s": s["embed"],
         "loss_s": s["loss"],
         "backward_s": s["backward"],
+        **({"teacher_s": s["teacher"]} if "teacher" in s else {}),
         "comm_s": s["comm"],  # the loss's exchange of embeddings too, when it shares the clock
         "optimizer_s": s["optimizer"],
         "step_s": s["total"],

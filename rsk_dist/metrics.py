@@ -1,15 +1,18 @@
 """Retrieval evaluation (spec §7): exact k-NN, Recall@k, MAP@R, R-precision, VehicleID and
 Revisited Oxford/Paris mAP.
 
-Needs torch alone. faiss, when importable, serves the k-NN search (a GPU index for CUDA
-tensors); otherwise a chunked matrix product does, with memory ``chunk_size x N``. Both rank by
-inner product, larger first, equal similarities in increasing gallery index, so results are
-reproducible whatever the chunking.
+Needs torch alone. The k-NN search runs on the embeddings' device: a chunked matrix product
+(memory ``chunk_size x N``), or faiss. :func:`plan_search` chooses: on the CPU faiss when
+importable; on CUDA the matrix product, which stays on the device, and faiss-gpu only when asked
+or when a chunk of similarities does not fit in free device memory. Both rank by inner product,
+larger first, equal similarities in increasing gallery index, so results are reproducible
+whatever the backend and chunking.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,14 @@ from rsk_dist.grouping import LabelGroups
 _FAISS_MARGIN = 16
 # Largest k a faiss GPU index accepts in older releases; beyond it we fall back to matmul.
 _FAISS_GPU_MAX_K = 2048
+# Device bytes per query-gallery similarity on the matmul path: the float32 similarity, _top_k's
+# two boolean masks, and the int64 cumsum of rows whose tie group straddles the k-th place,
+# counted as if every row did.
+_MATMUL_BYTES_PER_SIM = 16
+# faiss-gpu's scratch memory. Its default (about 1.5 GiB, and 256 MiB of pinned host memory)
+# would be allocated beside PyTorch's cache, which still holds the training step's memory.
+_FAISS_GPU_TEMP_BYTES = 256 << 20
+_faiss_gpu_resources = None  # one StandardGpuResources for the process, made on first use
 
 
 def _faiss():
@@ -30,6 +41,70 @@ def _faiss():
     except ImportError:
         return None
     return faiss
+
+
+def _has_faiss_gpu(faiss) -> bool:
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _gpu_resources(faiss):
+    """The process's one faiss GPU resource object, with bounded scratch memory; our inputs are
+    already on the device, so it needs no pinned staging memory either."""
+    global _faiss_gpu_resources
+    if _faiss_gpu_resources is None:
+        resources = faiss.StandardGpuResources()
+        resources.setTempMemory(_FAISS_GPU_TEMP_BYTES)
+        resources.setPinnedMemory(0)
+        _faiss_gpu_resources = resources
+    return _faiss_gpu_resources
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can use: the driver's free memory plus what PyTorch's
+    cache holds unused. None on the CPU (not the limit there)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+class SearchPlan(NamedTuple):
+    backend: Literal["matmul", "faiss"]
+    chunk_size: int  # queries per chunk
+
+
+def plan_search(
+    device_type: str,
+    n_gallery: int,
+    k: int,
+    chunk_size: int,
+    free_bytes: int | None,
+    use_faiss: bool | None,
+    have_faiss: bool,
+    faiss_gpu: bool,
+) -> SearchPlan:
+    """How to search ``n_gallery`` embeddings on a ``device_type`` device with ``free_bytes``
+    free there. ``use_faiss``: None chooses, True asks for faiss, False for the matmul path.
+
+    On the CPU faiss serves whenever importable. On CUDA the matmul path is the default (exact,
+    on the device, in PyTorch's memory), and faiss-gpu serves when asked or when even one chunk of
+    similarities does not fit; without faiss-gpu the chunk shrinks to fit instead."""
+    if use_faiss and not have_faiss:
+        raise ImportError("use_faiss=True but faiss is not installed")
+    if use_faiss is False or not have_faiss:
+        backend = "matmul"
+    elif device_type != "cuda":
+        backend = "faiss"
+    elif faiss_gpu and k + _FAISS_MARGIN + 1 > _FAISS_GPU_MAX_K:
+        backend = "matmul"
+    elif use_faiss:
+        backend = "faiss"
+    else:
+        fits = free_bytes is None or chunk_size * n_gallery * _MATMUL_BYTES_PER_SIM <= free_bytes
+        backend = "matmul" if fits or not faiss_gpu else "faiss"
+    if backend == "matmul" and device_type == "cuda" and free_bytes is not None:
+        chunk_size = max(1, min(chunk_size, free_bytes // (max(n_gallery, 1) * _MATMUL_BYTES_PER_SIM)))
+    return SearchPlan(backend, chunk_size)
 
 
 def _top_k(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -87,14 +162,22 @@ def _faiss_chunks(
     n = len(gallery)
     m = min(n, k + int(exclude_self) + _FAISS_MARGIN)
     index = faiss.IndexFlatIP(gallery.shape[1])
-    if gallery.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, gallery.device.index or 0, index)
-    index.add(gallery.detach().float().cpu().numpy())
+    on_device = gallery.is_cuda and _has_faiss_gpu(faiss)
+    if on_device:
+        import faiss.contrib.torch_utils  # noqa: F401, PLC0415 - lets a GPU index take CUDA tensors
+
+        device = gallery.device.index if gallery.device.index is not None else torch.cuda.current_device()
+        index = faiss.index_cpu_to_gpu(_gpu_resources(faiss), device, index)
+
+    def as_input(x: Tensor):
+        x = x.detach().float()
+        return x.contiguous() if on_device else x.cpu().numpy()
+
+    index.add(as_input(gallery))
     for start in range(0, len(queries), chunk_size):
         chunk = queries[start : start + chunk_size]
-        d, i = index.search(chunk.detach().float().cpu().numpy(), m)
-        d, i = torch.from_numpy(d).to(queries.device), torch.from_numpy(i).to(queries.device)
+        d, i = index.search(as_input(chunk), m)
+        d, i = torch.as_tensor(d, device=queries.device), torch.as_tensor(i, device=queries.device)
         cand, order = i.sort(dim=1)  # columns in gallery-index order, as _top_k breaks ties
         sims = d.to(queries.dtype).gather(1, order)
         if exclude_self:
@@ -123,13 +206,13 @@ def _knn_chunks(
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     _check_knn_args(queries, gallery, k, exclude_self)
     faiss = None if use_faiss is False else _faiss()
-    if use_faiss and faiss is None:
-        raise ImportError("use_faiss=True but faiss is not installed")
-    if faiss is not None and gallery.is_cuda and k + _FAISS_MARGIN + 1 > _FAISS_GPU_MAX_K:
-        faiss = None
-    if faiss is None:
-        return _matmul_chunks(queries, gallery, k, exclude_self, chunk_size)
-    return _faiss_chunks(faiss, queries, gallery, k, exclude_self, chunk_size)
+    plan = plan_search(
+        gallery.device.type, len(gallery), k, chunk_size, free_device_bytes(gallery.device),
+        use_faiss, faiss is not None, _has_faiss_gpu(faiss),
+    )
+    if plan.backend == "matmul":
+        return _matmul_chunks(queries, gallery, k, exclude_self, plan.chunk_size)
+    return _faiss_chunks(faiss, queries, gallery, k, exclude_self, plan.chunk_size)
 
 
 def knn(
@@ -143,7 +226,8 @@ def knn(
     """Exact inner-product k-NN: (sims, indices), each ``len(queries) x k``, larger first and
     equal similarities in increasing gallery index. With ``exclude_self`` the queries are the
     gallery and a query is never its own neighbour. Normalise first for cosine similarity.
-    faiss is used when importable unless ``use_faiss=False``."""
+    ``use_faiss``: None lets :func:`plan_search` choose, True asks for faiss, False for the
+    matrix product."""
     parts = list(_knn_chunks(queries, gallery, k, exclude_self, chunk_size, use_faiss))
     return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
@@ -210,12 +294,16 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 2, 4, 8),
     chunk_size: int = 4096,
     use_faiss: bool | None = None,
+    gallery: Tensor | None = None,
 ) -> dict[str, float]:
     """Recall@k, MAP@R and R-precision of every sample against all the others, by cosine
     similarity (spec §7). Keys ``recall@<k>``, ``map@r``, ``r_precision``; queries whose class
-    has no other sample are left out (see :func:`_metrics`)."""
+    has no other sample are left out (see :func:`_metrics`). ``gallery``: another model's
+    embeddings of the same samples (asymmetric retrieval: row i the same image as query i,
+    still left out of its own results)."""
     emb = F.normalize(embeddings.detach(), dim=1)
-    return _metrics(emb, labels, emb, labels, ks, True, chunk_size, use_faiss)
+    other = emb if gallery is None else F.normalize(gallery.detach(), dim=1)
+    return _metrics(emb, labels, other, labels, ks, True, chunk_size, use_faiss)
 
 
 def retrieval_metrics_qg(

@@ -369,6 +369,7 @@ def build_model(
     channels_last: bool = False,
     compile: bool = False,
     image_size: int = 224,
+    width: int | None = None,
 ) -> EmbeddingModel:
     """Build an :class:`EmbeddingModel` by backbone name (one of :data:`MODEL_NAMES`).
 
@@ -381,8 +382,10 @@ def build_model(
     ``channels_last``: see :meth:`EmbeddingModel.use_channels_last`. ``compile``: the backbone is
     compiled in place (``nn.Module.compile``, so state-dict keys stay those of the eager model)
     on its first forward; the two-pass step pads its chunks to one shape and evaluation runs
-    eagerly (:mod:`rsk_dist.evaluate`), so a run builds two graphs, with and without gradients. ``image_size``: the input size a ViT is built for (its position
-    embeddings; pretrained ones are resampled to it); CNNs take any size.
+    eagerly (:mod:`rsk_dist.evaluate`), so a run builds two graphs, with and without gradients.
+    ``image_size``: the input size a ViT is built for (its position embeddings; pretrained ones
+    are resampled to it); CNNs take any size. ``width``: the channels of ``small_cnn``'s blocks
+    (None: 64).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -394,11 +397,13 @@ def build_model(
         raise ValueError(f"pooling {pooling!r} is not available for {name}; choose one of {allowed}")
     if name != "small_cnn" and in_channels != 3:
         raise ValueError(f"{name} takes 3-channel images, got in_channels={in_channels}")
+    if name != "small_cnn" and width is not None:
+        raise ValueError(f"width is small_cnn's; {name} has its own")
 
     if name == "small_cnn":
         if pretrained is True:
             raise ValueError("small_cnn has no downloadable weights: pass a local state-dict file or False")
-        backbone = SmallCNN(in_channels=in_channels)
+        backbone = SmallCNN(in_channels=in_channels, width=width or 64)
         if pretrained:
             backbone.load_state_dict(_load_state_dict_file(pretrained))
         feature_dim = backbone.out_channels

@@ -15,6 +15,7 @@ import math
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,20 +26,23 @@ from rsk_dist.checkpoint import (
     CheckpointError, checkpoint_name, cpu_copy, latest_checkpoint, load_model, load_state, publish_state, write_checkpoint,
 )
 from rsk_dist.clock import Clock
-from rsk_dist.config import DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, local_absolute
+from rsk_dist.config import (
+    DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, check_teacher_fits, local_absolute,
+)
 from rsk_dist.data.feeder import Feeder
 from rsk_dist.data.sources import MemorySource, digits_split, zip_source
 from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
 from rsk_dist.engine import LargeBatchStep
-from rsk_dist.evaluate import embed_source, evaluate
+from rsk_dist.evaluate import embed_source, evaluate, three_settings
 from rsk_dist.metrics import retrieval_metrics, revisited_map, vehicleid_metrics
-from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate
+from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, Regression
 from rsk_dist.loop import train_step
 from rsk_dist.models import build_model
 from rsk_dist.monitor import RunMonitor
 from rsk_dist.preemption import CheckpointSchedule, Preempted
 from rsk_dist.sampler import ClassBalancedSampler
 from rsk_dist.storage import join
+from rsk_dist.teacher import load_teacher, teacher_model_config
 
 if TYPE_CHECKING:  # Ray is imported where it is used: importing this module stays light
     import ray.train
@@ -77,9 +81,12 @@ def build_loss(cfg: LossConfig, clock: Clock | None = None) -> GlobalBatchLoss:
         loss: nn.Module = RecallAtKSurrogate(
             k=cfg.k, tau1=cfg.tau1, tau2=cfg.tau2, simix=cfg.simix,
             rank_includes_query=cfg.rank_includes_query, chunk_size=cfg.chunk_size, tf32=cfg.tf32,
+            asymmetric=cfg.asymmetric, self_positive=cfg.asymmetric_self_positive,
         )
+    elif cfg.name == "regression":
+        loss = Regression()
     else:
-        loss = MetricLearningLoss(cfg.name, **cfg.options)
+        loss = MetricLearningLoss(cfg.name, asymmetric=cfg.asymmetric, self_positive=cfg.asymmetric_self_positive, **cfg.options)
     return GlobalBatchLoss(loss, cfg.mode, clock=clock)
 
 
@@ -103,7 +110,12 @@ class Trainer:
     """The components of one worker's training, and its loop. Runs with or without Ray:
     ``report(metrics, state_or_None)`` is how it hands out metrics and checkpoint states."""
 
-    def __init__(self, config: JobConfig, device: torch.device, state: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: JobConfig, device: torch.device, state: dict[str, Any] | None = None,
+        draining: Callable[[], bool] | None = None,
+    ) -> None:
+        """``draining``: the cluster's notice that a node of the job is being drained (see
+        :class:`~rsk_dist.preemption.CheckpointSchedule`)."""
         self.config, self.device = config, device
         c = config
         numerics.configure(c.train.deterministic, c.train.tf32)  # before any CUDA work of the model
@@ -111,10 +123,12 @@ class Trainer:
         self.model = build_model(
             c.model.name, dim=c.model.dim, pooling=c.model.pooling, pretrained=c.model.pretrained,
             in_channels=c.model.in_channels, dropout=c.model.dropout, freeze_bn=c.model.freeze_bn,
-            channels_last=c.model.channels_last, compile=c.model.compile,
+            channels_last=c.model.channels_last, compile=c.model.compile, width=c.model.width,
         ).to(device)
         clock = Clock(device)  # one for the step's phases and the loss's communication
         self.loss = build_loss(c.loss, clock)
+        # Frozen: it is in no optimizer, gets no gradient and stays in eval mode (rsk_dist.teacher).
+        self.teacher = load_teacher(c.teacher, device) if c.teacher is not None else None
         self.optimizer, self.scheduler = build_optimizer(c.optim, self.model)
         cpus = c.scaling.cpus_per_worker
         self.train_data = open_source(c.data.train, c.data, True, c.sampler.seed, c.model.in_channels, device, cpus)
@@ -125,12 +139,14 @@ class Trainer:
         self.steps_per_epoch = c.train.steps_per_epoch or self.sampler.steps_per_epoch
         scaler = torch.amp.GradScaler(device.type) if c.train.autocast == "fp16" else None
         self.step = LargeBatchStep(
-            self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler,
+            self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler, self.teacher,
             normalize=self.train_data.normalize, clock=clock,
         )
         # Progress: epochs done, steps done in the next one and their losses (for its summary).
         self.epoch, self.step_in_epoch, self.losses, self.history, self.best = 0, 0, [], [], -math.inf
-        self.schedule = CheckpointSchedule(c.run.checkpoint_every, c.run.checkpoint_every_steps, c.train.epochs, device)
+        self.schedule = CheckpointSchedule(
+            c.run.checkpoint_every, c.run.checkpoint_every_steps, c.train.epochs, device, draining
+        )
         # TensorBoard events and training.png beside the checkpoints, written by rank 0 alone
         self.monitor = RunMonitor(c.run.storage_path, c.run.name, enabled=rank_and_world()[0] == 0)
         if state is not None:
@@ -159,7 +175,8 @@ class Trainer:
     def run(self, report) -> None:
         """Trains to the last epoch, from where the state left off. ``report(metrics, state)``
         is called on every worker at each checkpoint (``state`` on rank 0, None elsewhere);
-        after a preemption notice, at the checkpoint of that step, then :class:`Preempted` is raised."""
+        after a preemption notice, at the checkpoint of that step, then :class:`Preempted` is raised;
+        when the cluster starts draining a node, at the checkpoint of that step, and training goes on."""
         c = self.config
         rank, _ = rank_and_world()
         total = c.train.epochs * self.steps_per_epoch
@@ -181,8 +198,11 @@ class Trainer:
             summary = {**metrics, "epoch": self.epoch, "step": done}
             if self.step_in_epoch == self.steps_per_epoch:
                 summary = self._end_epoch()
-            preempted = self.schedule.preempted()
-            if preempted or self.schedule.due(self.epoch, self.step_in_epoch):
+            preempted, drained = self.schedule.preempted(), self.schedule.drained()
+            if drained and rank == 0:
+                print(f"[rsk-dist] a node of this job is being drained: checkpointing step {done}; training goes "
+                      "on until Ray stops the job and retries it from there", flush=True)
+            if preempted or drained or self.schedule.due(self.epoch, self.step_in_epoch):
                 report(summary, self.state() if rank == 0 else None)
                 self.monitor.sync()
             if preempted:
@@ -201,11 +221,14 @@ class Trainer:
                                    "loss": sum(self.losses) / len(self.losses), "workers": rank_and_world()[1]}
         self.step_in_epoch, self.losses = 0, []
         if self.eval_data is not None and (self.epoch % c.train.eval_every == 0 or last):
-            summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size))
+            summary.update(evaluate(self.model, self.eval_data, ks=c.train.eval_k, chunk_size=c.train.chunk_size,
+                                    teacher=self.teacher))
             if rank == 0:
                 print("[rsk-dist] eval " + " ".join(f"{k} {v:.4f}" for k, v in summary.items() if "@" in k or "precision" in k), flush=True)
-            if summary["recall@1"] > self.best:
-                self.best = summary["recall@1"]
+            # An asymmetric student is for querying the teacher's gallery: the best is the best at that.
+            key = "recall@1" if self.teacher is None else "asymmetric_recall@1"
+            if summary[key] > self.best:
+                self.best = summary[key]
                 if rank == 0:
                     self._publish_best(summary)
         self.history.append(summary)
@@ -288,7 +311,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # before a driver dies, unregistered. Its manifest makes it as safe to load.
     start = latest_checkpoint(join(config.run.storage_path, config.run.name)) or loop_config.get("resume_from")
     state = load_state(start, map_location=device) if start else None
-    trainer = Trainer(config, device, state)
+    trainer = Trainer(config, device, state, draining=lambda: ray.train.get_preemption_info() is not None)
     try:
         trainer.run(RayCheckpointReport(config.run.checkpoint_upload, trainer.steps_per_epoch))
     except Preempted:
@@ -338,16 +361,28 @@ def evaluate_checkpoint(
     protocol: str = "all",
     queries: DataSource | None = None,
     ground_truth: str | None = None,
+    gallery_model: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Retrieval metrics of a checkpoint's model on ``data``, on this machine. ``protocol``:
+    """Retrieval metrics of a checkpoint's model on ``data``, on this machine's ``device``. ``protocol``:
     ``all`` (every image queries all others), ``vehicleid`` (one image per identity is the
     gallery, the rest query it) or ``revisited`` (``queries`` against the ``data`` gallery,
-    medium/hard mAP from ``ground_truth``)."""
+    medium/hard mAP from ``ground_truth``). ``gallery_model``: a teacher's checkpoint, whose
+    embeddings are the gallery of asymmetric retrieval (protocol ``all``): metrics in the three
+    settings of :func:`rsk_dist.evaluate.three_settings`, each model with its own preprocessing."""
     model, config = load_model(checkpoint_url)
+    model.to(device)
 
     def embed(spec: DataSource) -> tuple[torch.Tensor, torch.Tensor]:
         return embed_with_checkpoint(model, config, spec, image_size)
 
+    if gallery_model is not None:
+        if protocol != "all":
+            raise ValueError(f"--gallery-model evaluates with protocol all, not {protocol!r}")
+        teacher, teacher_config = load_model(gallery_model)
+        teacher.to(device)
+        student_emb, labels = embed(data)
+        return three_settings(student_emb, embed_with_checkpoint(teacher, teacher_config, data, image_size)[0], labels, ks)
     if protocol == "all":
         return retrieval_metrics(*embed(data), ks=ks)
     if protocol == "vehicleid":
@@ -363,7 +398,16 @@ def evaluate_checkpoint(
 
 def _preemptible_torch_config(backend: str):
     """Ray's TorchConfig whose workers also take SIGTERM as a preemption notice: the handler
-    must be installed on each worker's main thread, where Ray runs its setup, not its training."""
+    must be installed on each worker's main thread, where Ray runs its setup, not its training.
+
+    Ray 2.60's public preemption route (``ray.train.get_preemption_info`` with
+    ``FailureConfig.max_preemption_failures``) only covers nodes Ray itself drains, which
+    :class:`Trainer` reacts to. It cannot replace this private subclass: a SIGTERM sent from outside
+    Ray (a Kubernetes pod deletion, ``docker stop``) never becomes a drain, and no public hook runs
+    code on each worker's main thread, where alone a signal handler can be installed (the training
+    function runs on another thread; ``worker_process_setup_hook`` is taken from ``ray.init``'s
+    job-wide runtime_env only, not from ``RunConfig.worker_runtime_env``, and would then run in
+    every worker process of the job)."""
     from ray.train.torch import TorchConfig
     from ray.train.torch.config import _TorchBackend
 
@@ -427,8 +471,10 @@ def fit(
             preflight(spec.url, need_index=True, split=spec.split)
     resume_from = local_absolute(resume_from) or config.run.resume_from
     preflight(config.run.storage_path, need_index=False, writable=True)
-    # Refuses a bad checkpoint or config change before any worker starts.
+    # Refuses a bad checkpoint or config change, or a teacher that does not fit, before any worker starts.
     check_resume(config, resume_from, allow_config_change)
+    if config.teacher is not None:
+        check_teacher_fits(teacher_model_config(config.teacher), config.model)
     fs, path = filesystem(config.run.storage_path)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
@@ -446,7 +492,10 @@ def fit(
             name=config.run.name,
             storage_path=path,
             storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            failure_config=FailureConfig(
+                max_failures=config.run.max_failures, max_preemption_failures=config.run.max_preemptions,
+                preemption_grace_s=config.run.preemption_grace_s,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
         ),
     )

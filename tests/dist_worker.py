@@ -107,3 +107,49 @@ def run_eval_worker(rank: int, world: int, out_dir: str, chunk: int) -> None:
         torch.save({"metrics": metrics, "emb": emb, "labels": labels}, Path(out_dir) / f"eval{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+# Asymmetric RS@k: a batch of 32 in unsorted classes of unequal size with singletons (classes
+# split between workers), and one of 8 classes of 4 in order (no class split for W = 2, 4).
+ASYMMETRIC_BATCHES = {
+    "unequal": [5, 0, 2, 5, 1, 0, 5, 7, 1, 5, 0, 3, 5, 1, 4, 2, 2, 0, 6, 3, 3, 1, 2, 8, 6, 6, 0, 9, 4, 4, 2, 1],
+    "aligned": [c for c in range(8) for _ in range(4)],
+}
+ASYMMETRIC_CONFIGS = [
+    (b, mode, simix, "rsk") for b in ASYMMETRIC_BATCHES for mode in ("replicated", "sharded") for simix in (False, True)
+] + [("unequal", "replicated", False, name) for name in ("contrastive", "regression")]
+
+
+def asymmetric_loss(name: str, simix: bool) -> nn.Module:
+    from rsk_dist.losses import MetricLearningLoss, Regression
+
+    if name == "rsk":
+        return RecallAtKSurrogate(k=(1, 2, 4), tau2=0.05, simix=simix, asymmetric=True)
+    return Regression() if name == "regression" else MetricLearningLoss(name, asymmetric=True, pos_margin=0.3, neg_margin=1.3)
+
+
+def asymmetric_gradient(batch: str, mode: str, simix: bool, name: str, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """An asymmetric loss of the batch through GlobalBatchLoss, for this worker's ``rows``: the
+    global loss, the gradient of those rows of the student, the bytes received."""
+    labels = torch.tensor(ASYMMETRIC_BATCHES[batch])
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 8, generator=g)
+    student = F.normalize(centres[labels] + 0.5 * torch.randn(32, 8, generator=g), dim=1)
+    teacher = F.normalize(centres[labels] + 0.5 * torch.randn(32, 8, generator=g), dim=1)
+    loss = GlobalBatchLoss(asymmetric_loss(name, simix), mode)
+    mine = student[rows].clone().requires_grad_()
+    value = loss(mine, labels[rows], torch.Generator().manual_seed(7), gallery=teacher[rows])
+    value.backward()
+    return {"loss": value.detach(), "grad": mine.grad, "bytes": torch.tensor(loss.stats.get("bytes_received", 0.0))}
+
+
+def run_asymmetric_worker(rank: int, world: int, out_dir: str) -> None:
+    from rsk_dist.sampler import shard_bounds
+
+    init_group(rank, world, out_dir)
+    try:
+        bounds = shard_bounds(32, world)
+        out = {c: asymmetric_gradient(*c, rows=slice(bounds[rank], bounds[rank + 1])) for c in ASYMMETRIC_CONFIGS}
+        torch.save(out, Path(out_dir) / f"asymmetric{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -17,25 +17,54 @@ def naive_rsk(
 ) -> Tensor:
     """Spec §1: mean over queries with a positive of 1 - mean_k R_k(q). With ``queries``, only
     their terms are summed (still divided by the count of all queries with a positive)."""
-    n = emb.shape[0]
-    sim = emb @ emb.T
+    n = len(labels)
+    return _naive_recall_loss(
+        emb @ emb.T, labels, k, tau1, tau2, queries,
+        ranked=lambda q: [z for z in range(n) if rank_includes_query or z != q],
+        positives=lambda q: [x for x in range(n) if x != q and labels[x] == labels[q]],
+    )
+
+
+def naive_asymmetric_rsk(
+    student: Tensor,
+    teacher: Tensor,
+    labels: list[int],
+    k: tuple[int, ...] = (1, 2, 4, 8, 16),
+    tau1: float = 1.0,
+    tau2: float = 0.01,
+    self_positive: bool = True,
+    queries: list[int] | None = None,
+) -> Tensor:
+    """Asymmetric RS@k: student query q ranks the teacher embeddings t_z, s_qz = e_q . t_z.
+    Retrieval set: every t_z (without t_q unless ``self_positive``); positives: the t_x of q's
+    class in it. The rest is spec §1."""
+    n = len(labels)
+    retrieval = lambda q: [z for z in range(n) if self_positive or z != q]
+    return _naive_recall_loss(
+        student @ teacher.T, labels, k, tau1, tau2, queries, ranked=retrieval,
+        positives=lambda q: [x for x in retrieval(q) if labels[x] == labels[q]],
+    )
+
+
+def _naive_recall_loss(sim, labels, k, tau1, tau2, queries, ranked, positives) -> Tensor:
+    """Spec §1 for similarities ``sim[q, z]``: ``ranked(q)`` are the samples a positive's rank
+    counts (itself aside), ``positives(q)`` the query's positives."""
     per_query, counted = [], 0
-    for q in range(n):
-        positives = [x for x in range(n) if x != q and labels[x] == labels[q]]
-        if not positives:
+    for q in range(len(labels)):
+        pos = positives(q)
+        if not pos:
             continue
         counted += 1
         if queries is not None and q not in queries:
             continue
         ranks = []
-        for x in positives:
-            others = [z for z in range(n) if z != x and (rank_includes_query or z != q)]
-            terms = torch.sigmoid((sim[q, others] - sim[q, x]) / tau2)
-            ranks.append(1 + terms.sum())
+        for x in pos:
+            others = [z for z in ranked(q) if z != x]
+            ranks.append(1 + torch.sigmoid((sim[q, others] - sim[q, x]) / tau2).sum())
         recalls = []
         for kv in k:
             soft = sum(torch.sigmoid((kv - r) / tau1) for r in ranks)
-            recalls.append(torch.clamp(soft, max=kv) / min(kv, len(positives)))
+            recalls.append(torch.clamp(soft, max=kv) / min(kv, len(pos)))
         per_query.append(1 - sum(recalls) / len(k))
     return sum(per_query) / counted
 
@@ -53,17 +82,23 @@ def naive_simix(emb: Tensor, labels: list[int], generator: torch.Generator) -> t
     return extended, labels + [c for _, _, c in pairs]
 
 
-def naive_contrastive(emb: Tensor, labels: list[int], pos_margin: float = 0.0, neg_margin: float = 1.0) -> Tensor:
+def naive_contrastive(
+    emb: Tensor, labels: list[int], pos_margin: float = 0.0, neg_margin: float = 1.0,
+    ref: Tensor | None = None, self_positive: bool = False,
+) -> Tensor:
     """Contrastive loss as pytorch-metric-learning defines it: over ordered pairs i != j of
     L2-normalised embeddings at Euclidean distance d, positives cost max(0, d - pos_margin) and
-    negatives max(0, neg_margin - d); each kind is averaged over its non-zero terms, then summed."""
+    negatives max(0, neg_margin - d); each kind is averaged over its non-zero terms, then summed.
+    With ``ref`` (asymmetric: a teacher's embeddings of the same samples) pair (i, j) is
+    emb[i] and ref[j], and (i, i) is a positive when ``self_positive``."""
     emb = emb / emb.norm(dim=1, keepdim=True)
+    other = emb if ref is None else ref / ref.norm(dim=1, keepdim=True)
     pos, neg = [], []
     for i in range(len(labels)):
         for j in range(len(labels)):
-            if i == j:
+            if i == j and not (ref is not None and self_positive):
                 continue
-            d = (emb[i] - emb[j]).norm()
+            d = (emb[i] - other[j]).norm()
             if labels[i] == labels[j]:
                 pos.append(torch.clamp(d - pos_margin, min=0))
             else:
@@ -91,3 +126,4 @@ def naive_multi_similarity(
         neg_term = torch.log(1 + sum((torch.exp(beta * (s - base)) for s in neg), zero)) / beta
         per_anchor.append(pos_term + neg_term)
     return sum(per_anchor) / len(per_anchor)
+

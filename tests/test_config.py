@@ -212,6 +212,26 @@ def test_cli_submit_bad_config_submits_nothing(capsys, monkeypatch):
     assert "train.epoch: unknown key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("share", ["0.5", "0", "2"])
+def test_gpu_share_other_than_one_is_refused_before_any_worker_starts(share, capsys, monkeypatch):
+    """0.5 puts two ranks on one GPU (NCCL refuses), 0 gives NCCL CPU tensors, 2 idles a GPU."""
+    import rsk_dist.train
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a bad config must not reach the cluster")
+
+    monkeypatch.setattr(rsk_dist.train, "fit", no_fit)
+    gpu = ["--set", "scaling.use_gpu=true", "--set", f"scaling.gpus_per_worker={share}"]
+    for command in ("validate", "train"):
+        assert main([command, str(ROOT / "jobs" / "quickstart.yaml"), *gpu]) == 2
+        err = capsys.readouterr().err
+        assert "scaling.gpus_per_worker must be 1 with scaling.use_gpu" in err, err
+        assert "set scaling.gpus_per_worker=1" in err and "Traceback" not in err
+    # The share is only checked where it is used: one whole GPU, or no GPU at all.
+    assert main(["validate", str(ROOT / "jobs" / "quickstart.yaml"), "--set", "scaling.use_gpu=true"]) == 0
+    assert main(["validate", str(ROOT / "jobs" / "quickstart.yaml"), "--set", f"scaling.gpus_per_worker={share}"]) == 0
+
+
 def test_build_submission_carries_no_secrets(tmp_path, monkeypatch):
     import rsk_dist.cli.jobs as cli
 

@@ -50,3 +50,29 @@ def test_distributed_evaluation_matches_one_process(world, tmp_path):
         assert torch.equal(got["labels"], labels)
         assert got["metrics"] == pytest.approx(expected, abs=1e-12)
     assert 0.1 < expected["recall@1"] < 1
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_asymmetric_losses_on_workers_match_one_process(world, tmp_path):
+    # RS@k in both modes, with and without SiMix; the asymmetric contrastive loss and regression replicated.
+    from rsk_dist.sampler import shard_bounds
+    from tests.dist_worker import ASYMMETRIC_CONFIGS, asymmetric_gradient, run_asymmetric_worker
+
+    mp.spawn(run_asymmetric_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+    bounds = shard_bounds(32, world)
+    gallery_bytes = (world - 1) * (32 // world) * 8 * 4  # the others' teacher rows, float32 d = 8
+    for rank in range(world):
+        got = torch.load(tmp_path / f"asymmetric{rank}.pt", weights_only=True)
+        for config in ASYMMETRIC_CONFIGS:
+            batch, mode, simix, _ = config
+            expected = asymmetric_gradient(*config)
+            assert expected["grad"].abs().max() > 1e-3
+            mine = got[config]
+            msg = lambda m: f"W={world} {config} rank {rank}: {m}"
+            torch.testing.assert_close(mine["loss"], expected["loss"], rtol=1e-6, atol=0, msg=msg)
+            torch.testing.assert_close(mine["grad"], expected["grad"][bounds[rank]:bounds[rank + 1]], rtol=1e-5,
+                                       atol=1e-6 * expected["grad"].abs().max().item(), msg=msg)
+            # Sharded: only the teacher's gallery travels, unless SiMix mixes a class split between workers.
+            split = simix and batch == "unequal"
+            rounds = {"replicated": 2, "sharded": 3 if split else 1}[mode]  # gallery, students, gradients
+            assert mine["bytes"].item() == rounds * gallery_bytes, msg("bytes received")

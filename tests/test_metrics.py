@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from rsk_dist.metrics import (
+    _MATMUL_BYTES_PER_SIM,
+    SearchPlan,
+    free_device_bytes,
     knn,
+    plan_search,
     retrieval_metrics,
     retrieval_metrics_qg,
     revisited_map,
@@ -360,3 +364,41 @@ def test_use_faiss_true_without_faiss_is_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
     with pytest.raises(ImportError, match="faiss is not installed"):
         knn(torch.eye(3), torch.eye(3), 1, False, use_faiss=True)
+
+
+GIB = 1 << 30
+
+
+def test_search_plan_on_the_cpu_is_as_before():
+    """The CPU keeps its behaviour: faiss whenever importable, unless the matmul path is asked for."""
+    assert plan_search("cpu", 10**6, 8, 4096, None, None, True, False) == SearchPlan("faiss", 4096)
+    assert plan_search("cpu", 10**6, 8, 4096, None, None, False, False) == SearchPlan("matmul", 4096)
+    assert plan_search("cpu", 10**6, 8, 4096, None, False, True, False) == SearchPlan("matmul", 4096)
+    assert plan_search("cpu", 10**6, 8, 4096, None, True, True, False) == SearchPlan("faiss", 4096)
+    assert free_device_bytes(torch.device("cpu")) is None
+
+
+def test_search_plan_on_cuda_prefers_the_exact_on_device_matmul():
+    # SOP-sized: 4096 x 60502 similarities need 4 GB, well inside 20 GiB free; faiss-gpu installed.
+    assert plan_search("cuda", 60502, 8, 4096, 20 * GIB, None, True, True) == SearchPlan("matmul", 4096)
+    # Asked for: faiss, on the GPU; k beyond faiss-gpu's limit stays with matmul.
+    assert plan_search("cuda", 60502, 8, 4096, 20 * GIB, True, True, True) == SearchPlan("faiss", 4096)
+    assert plan_search("cuda", 60502, 2040, 4096, 20 * GIB, True, True, True).backend == "matmul"
+    # faiss-cpu only, asked for explicitly: the CPU index (through the host), as requested.
+    assert plan_search("cuda", 60502, 8, 4096, 20 * GIB, True, True, False) == SearchPlan("faiss", 4096)
+    with pytest.raises(ImportError, match="faiss is not installed"):
+        plan_search("cuda", 60502, 8, 4096, 20 * GIB, True, False, False)
+
+
+def test_search_plan_on_cuda_when_a_chunk_does_not_fit():
+    n, free = 10**7, 20 * GIB  # one 4096-row chunk of similarities: 655 GB
+    assert plan_search("cuda", n, 8, 4096, free, None, True, True) == SearchPlan("faiss", 4096)
+    # Without faiss-gpu the chunk shrinks until its similarities fit in free memory.
+    for have_faiss in (False, True):
+        plan = plan_search("cuda", n, 8, 4096, free, None, have_faiss, False)
+        assert plan.backend == "matmul"
+        assert plan.chunk_size * n * _MATMUL_BYTES_PER_SIM <= free < (plan.chunk_size + 1) * n * _MATMUL_BYTES_PER_SIM
+    # The boundary: exactly fitting is fitting.
+    fit = 4096 * 1000 * _MATMUL_BYTES_PER_SIM
+    assert plan_search("cuda", 1000, 8, 4096, fit, None, True, True) == SearchPlan("matmul", 4096)
+    assert plan_search("cuda", 1000, 8, 4096, fit - 1, None, True, True) == SearchPlan("faiss", 4096)

@@ -8,12 +8,14 @@
     rsk-dist status   JOB_ID --address http://HEAD:8265
     rsk-dist logs     JOB_ID --address http://HEAD:8265 [--follow]
     rsk-dist stop     JOB_ID --address http://HEAD:8265
-    rsk-dist eval     CHECKPOINT_URL --data KIND:URL[:SPLIT] [--image-size N] [--k 1 2 4 8]
+    rsk-dist eval     CHECKPOINT_URL --data KIND:URL[:SPLIT] [--image-size N] [--k 1 2 4 8] [--device D]
                       [--protocol all|vehicleid|revisited [--queries KIND:URL[:SPLIT] --ground-truth URL]]
     rsk-dist ingest   SOURCE TARGET_URL --layout {folders,cub200,cars196,sop,inaturalist,vehicleid} [--overwrite]
     rsk-dist gc-dataset URL [--keep-last N]
     rsk-dist export   CHECKPOINT_URL OUT --format {torchscript,onnx}
-    rsk-dist export-index CHECKPOINT_URL --data KIND:URL[:SPLIT] OUT
+    rsk-dist export-index CHECKPOINT_OR_EXPORT --data KIND:URL[:SPLIT] OUT [--device D]
+    rsk-dist embed    CHECKPOINT_OR_EXPORT IMAGES... --out FILE.npz [--device D]
+    rsk-dist search   INDEX QUERY_IMAGES... [--k K] [--model CHECKPOINT_OR_EXPORT] [--json] [--device D]
 
 URLs with credentials inside (``s3://KEY:SECRET@bucket``) are refused as arguments and in
 configs; every URL printed is redacted.
@@ -24,7 +26,7 @@ message to stderr and exit with status 2; a failed job or an unreachable cluster
 
 One module per command group: :mod:`~rsk_dist.cli.jobs` (validate, train, submit, status, logs,
 stop), :mod:`~rsk_dist.cli.data` (ingest, gc-dataset), :mod:`~rsk_dist.cli.model` (eval, export,
-export-index), on the shared pieces of :mod:`~rsk_dist.cli.common`.
+export-index, embed, search), on the shared pieces of :mod:`~rsk_dist.cli.common`.
 """
 from __future__ import annotations
 

@@ -29,6 +29,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
+from rsk_dist.preprocess import Preprocess, shorter_side
+
 # Images per task: enough to make the hand-off over the pipe small against the decoding
 # (8 x 5 ms against well under 1 ms), few enough that a batch spreads over every process.
 CHUNK = 8
@@ -37,8 +39,8 @@ CHUNK = 8
 def load_image(data: bytes | memoryview, in_channels: int, image_size: int, rng: np.random.Generator | None, draft: bool = False) -> Any:
     """The encoded image decoded (greyscale for ``in_channels=1``, else RGB) and cropped to
     ``image_size``: with ``rng``, a random resized crop and a horizontal flip with probability
-    1/2 (training); without, the shorter side resized to ``round(image_size * 256 / 224)`` and
-    the centre square (evaluation). The crop is drawn from the stored image's size, before
+    1/2 (training); without, the test-time transform of :meth:`rsk_dist.preprocess.Preprocess.streamed`
+    (the shorter side resized to ``round(image_size * 256 / 224)``, the centre square). The crop is drawn from the stored image's size, before
     decoding, so ``draft`` (a JPEG decoded at 1/2, 1/4 or 1/8 scale where the crop keeps at
     least ``image_size`` pixels a side) crops the same region, but its pixels differ slightly."""
     from PIL import Image
@@ -48,14 +50,14 @@ def load_image(data: bytes | memoryview, in_channels: int, image_size: int, rng:
     box = crop_box(width, height, rng) if rng is not None else None
     mode = "L" if in_channels == 1 else "RGB"
     if draft:
-        scale = min(box[2:]) / image_size if box else min(width, height) / round(image_size * 256 / 224)
+        scale = min(box[2:]) / image_size if box else min(width, height) / shorter_side(image_size)
         if scale >= 2:
             img.draft(mode, (math.ceil(width / scale), math.ceil(height / scale)))
     img.load()
-    img = img.convert(mode)
     if box is None:
-        return centre_crop(img, image_size)
+        return Preprocess.streamed(image_size, in_channels).transform(img)
     assert rng is not None
+    img = img.convert(mode)
     left, top, w, h = box
     if img.size != (width, height):  # decoded at reduced size: the box in its pixels
         fx, fy = img.width / width, img.height / height
@@ -93,24 +95,6 @@ def crop_box(
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def centre_crop(img: Any, image_size: int) -> Any:
-    """The evaluation transform: shorter side to ``round(image_size * 256 / 224)``, centre
-    ``image_size`` square."""
-    from PIL import Image
-
-    short = int(round(image_size * 256 / 224))
-    w, h = img.size
-    if w <= h:
-        size = (short, int(short * h / w))
-    else:
-        size = (int(short * w / h), short)
-    if size != (w, h):
-        img = img.resize(size, Image.Resampling.BILINEAR)
-    w, h = img.size
-    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
-    return img.crop((left, top, left + image_size, top + image_size))
 
 
 class Undecodable(NamedTuple):

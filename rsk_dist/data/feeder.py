@@ -19,17 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
-def to_float(images: Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Tensor:
-    """uint8 images as floats in [0, 1], less ``mean`` over ``std`` per channel when given;
-    float images (in-memory sources hold them ready) pass unchanged."""
-    if images.dtype != torch.uint8:
-        return images
-    x = images.float().div_(255.0)
-    if mean is not None and std is not None:
-        shape = (1, -1, 1, 1)
-        x.sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
-    return x
+from rsk_dist.preprocess import to_float
 
 
 Loaded = tuple[Tensor, Tensor, float, "torch.cuda.Event | None"]

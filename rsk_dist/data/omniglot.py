@@ -4,7 +4,6 @@ Needs torch, numpy and pillow only (scikit-learn, for :func:`load_digits`, is im
 """
 from __future__ import annotations
 
-import io
 import os
 import posixpath
 import zipfile
@@ -12,6 +11,8 @@ import zipfile
 import numpy as np
 import torch
 from torch import Tensor
+
+from rsk_dist.preprocess import Preprocess
 
 __all__ = ["IMAGE_EXTENSIONS", "load_digits", "load_image_folder_zip"]
 
@@ -42,7 +43,8 @@ def load_image_folder_zip(
     """Read a zip of ``[root/]class.../image.png`` into memory, straight from the zip.
 
     Returns ``(images, labels, class_names)``: ``images`` float32 N x 1 x size x size in [0, 1]
-    (greyscale, resized with Pillow's antialiased bilinear filter), ``labels`` int64 N with values
+    (greyscale, resized with Pillow's antialiased bilinear filter: :class:`rsk_dist.preprocess.Preprocess`'s
+    ``stretch``), ``labels`` int64 N with values
     0..C-1 indexing ``class_names``. Classes are the image's directory below a top-level folder shared
     by all entries (Omniglot: ``Alphabet/characterXX``). Order is deterministic: classes sorted by
     name, images sorted by file name within a class. ``invert=True`` (the default, for Omniglot's
@@ -53,7 +55,9 @@ def load_image_folder_zip(
         raise FileNotFoundError(f"image zip not found: {path}")
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    preprocess = Preprocess(size, 1, "stretch", invert=invert)
 
     try:
         archive = zipfile.ZipFile(path)
@@ -80,18 +84,12 @@ def load_image_folder_zip(
         for row, i in enumerate(order):
             name = entries[i]
             try:
-                with Image.open(io.BytesIO(archive.read(name))) as img:
-                    grey = img.convert("L")
-                    if grey.size != (size, size):
-                        grey = grey.resize((size, size), Image.Resampling.BILINEAR)
-                    images[row] = np.asarray(grey, dtype=np.uint8)
+                images[row] = preprocess.decode(archive.read(name))[0]
             except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile) as e:
                 raise ValueError(f"cannot decode image {name!r} in {path}: {e}") from e
             labels[row] = index[classes[i]]
 
-    if invert:
-        images = 255 - images
-    x = torch.from_numpy(images).unsqueeze(1).float().div_(255.0)
+    x = preprocess.to_float(torch.from_numpy(images).unsqueeze(1))
     return x, torch.from_numpy(labels), class_names
 
 

@@ -66,12 +66,10 @@ import torch
 from torch import Tensor
 
 from rsk_dist.data.decode import Augment, Decoder, DecoderDied, Undecodable
+from rsk_dist.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rsk_dist.storage import StorageError, explain_error, filesystem, is_local, join, open_dataset, redact
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class BadSampleError(ValueError):

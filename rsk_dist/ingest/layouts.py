@@ -145,7 +145,7 @@ def open_tree(source: str) -> Tree:
     return _DirTree(source)
 
 
-def _is_image(path: str) -> bool:
+def is_image(path: str) -> bool:
     base = posixpath.basename(path)
     return (
         path.lower().endswith(IMAGE_EXTENSIONS)
@@ -191,7 +191,7 @@ def _half_split(keys: list[Any]) -> dict[Any, str]:
 
 
 def _layout_folders(tree: Tree, default_split: str = "train") -> list[Sample]:
-    entries = sorted(p for p in tree.files if _is_image(p))
+    entries = sorted(p for p in tree.files if is_image(p))
     if not entries:
         raise IngestError(f"folders: {tree.name} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     dirs = [posixpath.dirname(e) for e in entries]

@@ -1,6 +1,6 @@
-"""Losses: RS@k with SiMix (the project's own) and pytorch-metric-learning baselines."""
+"""Losses: RS@k with SiMix (the project's own, symmetric or asymmetric) and baselines."""
 from rsk_dist.losses import simix
-from rsk_dist.losses.baselines import BASELINES, MetricLearningLoss
+from rsk_dist.losses.baselines import BASELINES, MetricLearningLoss, Regression
 from rsk_dist.losses.recall import DEFAULT_K, RecallAtKSurrogate, recall_at_k_surrogate
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "DEFAULT_K",
     "MetricLearningLoss",
     "RecallAtKSurrogate",
+    "Regression",
     "recall_at_k_surrogate",
     "simix",
 ]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from rsk_dist.grouping import LabelGroups
+from rsk_dist.losses.gallery import check_gallery
 from rsk_dist.losses.simix import Mixing, mixing
 from rsk_dist.numerics import loss_matmul_precision
 
@@ -83,19 +84,23 @@ SIGMOID_ARG_FLOOR = -40.0
 RANK_GRAD_FLOOR = 1e-20
 
 
-def _positives(groups: LabelGroups, queries: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """(C x P) indices of each query's positives and a validity mask; ``width`` is the largest
-    class among the queries, P = width - 1. Padding slots point at the query itself and are
-    masked out."""
+def _positives(groups: LabelGroups, queries: Tensor, p: int, self_positive: bool) -> tuple[Tensor, Tensor]:
+    """(C x p) indices of each query's positives and a validity mask; ``p`` is the most
+    positives any of the queries has. A query's positives are its class members, itself among
+    them only when ``self_positive`` (asymmetric RS@k: its own gallery embedding). Padding slots
+    point at the query itself and are masked out."""
     cls = groups.class_of[queries]
     size = groups.counts[cls]
+    width = p if self_positive else p + 1
     offsets = torch.arange(width, device=queries.device)
     slot = (groups.starts[cls, None] + offsets).clamp(max=groups.order.numel() - 1)
     members = groups.order[slot]
-    valid = (offsets < size[:, None]) & (members != queries[:, None])
-    # The query is one of its class members: move the valid ones first, drop one column.
-    front = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :-1]
-    members, valid = members.gather(1, front), valid.gather(1, front)
+    valid = offsets < size[:, None]
+    if not self_positive:
+        # The query is one of its class members: move the valid ones first, drop one column.
+        valid &= members != queries[:, None]
+        front = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :-1]
+        members, valid = members.gather(1, front), valid.gather(1, front)
     return torch.where(valid, members, queries[:, None]), valid
 
 
@@ -140,12 +145,17 @@ class _RecallSurrogateFunction(torch.autograd.Function):
     """Sum of the per-query losses of ``queries``, divided by ``normalizer``, as a function of
     the real embeddings. With SiMix, ``mixed`` describes the virtual samples: each block's
     similarity rows are mixed from real ones, and their gradient flows back through the mixing.
-    Nothing of size N x N outlives a block: memory is the block plus the N x d gradient."""
+    With a ``gallery`` (asymmetric RS@k) the queries rank the gallery's rows, a constant, instead
+    of the embeddings themselves; ``self_positive`` then makes a query's own gallery row one of
+    its positives. Nothing of size N x N outlives a block: memory is the block plus the N x d
+    gradient."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         embeddings: Tensor,
+        gallery: Tensor | None,
+        self_positive: bool,
         mixed: Mixing | None,
         queries: Tensor,
         classes: LabelGroups,
@@ -161,8 +171,9 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         # double the O(N^2 P) work for the same memory bound.
         want_grad = ctx.needs_input_grad[0]
         emb = embeddings
+        keys = emb if gallery is None else gallery  # the real samples of the retrieval set
         n = classes.class_of.numel()
-        npos = classes.num_positives(queries)
+        npos = classes.num_positives(queries) + int(self_positive)
         # Largest classes first, so that each sub-chunk pads its positives little; queries
         # without a positive sort last and are dropped. The one host transfer of the loss.
         order = torch.argsort(npos, descending=True, stable=True)
@@ -187,19 +198,20 @@ class _RecallSurrogateFunction(torch.autograd.Function):
             m = b1 - b0
             rows = emb.index_select(0, qb) if mixed is None else mixed.rows(emb, qb)  # Q x d
             if mixed is None:
-                s = torch.mm(rows, emb.T, out=s_buf[:m]).div_(tau2)  # Q x N
+                s = torch.mm(rows, keys.T, out=s_buf[:m]).div_(tau2)  # Q x N
             else:
-                sim_real = torch.mm(rows, emb.T, out=real_buf[:m])  # Q x N_real
+                sim_real = torch.mm(rows, keys.T, out=real_buf[:m])  # Q x N_real
                 s = mixed.columns(sim_real, s_buf[:m], mix_buf[:m]).div_(tau2)  # Q x N
             g_sim = g_buf[:m] if g_buf is not None else None
             for c0, c1, p in subs:
                 q, sq = qb[c0:c1], s[c0:c1]
-                pos, valid = _positives(classes, q, p + 1)
+                pos, valid = _positives(classes, q, p, self_positive)
                 diff = buffer[: q.numel() * p * n].view(q.numel(), p, n)
                 torch.sub(sq[:, None, :], sq.gather(1, pos)[:, :, None], out=diff)  # (s_qz - s_qx) / tau2
                 if floors:
                     diff.clamp_(min=SIGMOID_ARG_FLOOR)
-                excluded = pos[:, :, None] if rank_includes_query else torch.stack([pos, q[:, None].expand_as(pos)], 2)
+                ranks_itself = rank_includes_query or self_positive
+                excluded = pos[:, :, None] if ranks_itself else torch.stack([pos, q[:, None].expand_as(pos)], 2)
                 diff.scatter_(2, excluded, float("-inf"))  # z != x, and z != q unless it ranks itself
                 sig = diff.sigmoid_()
                 rank = 1 + sig.sum(2)
@@ -221,10 +233,12 @@ class _RecallSurrogateFunction(torch.autograd.Function):
                 g_sim[c0:c1] = g_sub.scatter_add_(1, pos, -g_rank * dsig.sum(2))  # through s_qx
             if grad is None:
                 continue
-            # Back through sim_real = rows @ emb.T (and the mixing, with SiMix) to the embeddings.
+            # Back through sim_real = rows @ keys.T (and the mixing, with SiMix) to the embeddings:
+            # through both factors, unless the keys are a gallery (constant).
             g_real = g_sim if mixed is None else mixed.columns_adjoint(g_sim, real_buf[:m], mix_buf[:m])
-            grad.addmm_(g_real.T, rows)
-            g_rows = g_real @ emb
+            if gallery is None:
+                grad.addmm_(g_real.T, rows)
+            g_rows = g_real @ keys
             if mixed is None:
                 grad.index_add_(0, qb, g_rows)
             else:
@@ -238,7 +252,7 @@ class _RecallSurrogateFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if not bool(grad_output == 1):
             grad = grad * grad_output
-        return grad, None, None, None, None, None, None, None, None, None
+        return (grad,) + (None,) * 11
 
 
 def recall_at_k_surrogate(
@@ -252,9 +266,19 @@ def recall_at_k_surrogate(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     query_shard: tuple[int, int] | None = None,
+    gallery: Tensor | None = None,
+    self_positive: bool = True,
     tf32: bool = False,
 ) -> Tensor:
     """RS@k of a batch (spec §1), with SiMix virtual samples when ``simix`` (spec §2).
+
+    Asymmetric RS@k when a ``gallery`` is given (N x d, row i another model's embedding of
+    sample i, e.g. a frozen teacher's): query ``q`` (a row of ``embeddings``) ranks the
+    gallery's rows instead of the other embeddings. Its retrieval set is every gallery row, its
+    positives the rows of its class; its own row ``q`` is one of them when ``self_positive``,
+    else it is left out of the retrieval set (as the query is in symmetric RS@k). With SiMix the
+    gallery is mixed with the same pairs and weights as the queries. The gallery is a constant:
+    no gradient flows into it.
 
     ``embeddings`` (N x d) are L2-normalised by the caller; ``labels`` are N integers in any
     order; fp16 and bf16 embeddings are computed with in float32 (so is the returned value).
@@ -262,8 +286,10 @@ def recall_at_k_surrogate(
     (contiguous, sized by rsk_dist.sampler.shard_bounds; with SiMix also the i-th of n
     contiguous parts of the virtual samples) while still dividing by the number of valid
     queries in the whole batch: the n parts add up to the full loss, which is how workers
-    share the loss (spec §4). Its float32 matmuls run in full float32 on CUDA whatever torch's
-    global precision, unless ``tf32`` (faster on Ampere and later, similarities off by ~1e-3).
+    share the loss (spec §4). In asymmetric RS@k a virtual query goes instead with the shard
+    that holds its first real sample, so that a shard holding whole classes needs no other
+    shard's rows. Its float32 matmuls run in full float32 on CUDA whatever torch's global
+    precision, unless ``tf32`` (faster on Ampere and later, similarities off by ~1e-3).
     """
     ks = tuple(int(v) for v in k)
     if not ks or min(ks) < 1:
@@ -280,6 +306,14 @@ def recall_at_k_surrogate(
         # in float32. Autograd casts the gradient back to the input's dtype.
         embeddings = embeddings.float()
     labels = labels.reshape(-1).to(embeddings.device).long()
+    if gallery is not None:
+        check_gallery(True, gallery, embeddings)
+        if rank_includes_query:
+            raise ValueError(
+                "rank_includes_query is for symmetric RS@k; in asymmetric RS@k the query's own gallery row is "
+                "ranked (as a positive) or left out by self_positive"
+            )
+        gallery = gallery.to(embeddings.device, embeddings.dtype)
     mix = mixing(labels, generator) if simix else None
     if mix is not None:
         labels = mix.labels
@@ -291,11 +325,22 @@ def recall_at_k_surrogate(
         if not 0 <= index < count:
             raise ValueError(f"query_shard must be (index, count) with 0 <= index < count, got {query_shard}")
         # tensor_split sizes its parts as rsk_dist.sampler.shard_bounds does: worker i's real
-        # queries are exactly its own shard's rows. The virtual samples are split the same way.
-        parts = (all_queries[: embeddings.shape[0]], all_queries[embeddings.shape[0] :])
-        queries = torch.cat([part.tensor_split(count)[index] for part in parts])
+        # queries are exactly its own shard's rows. The virtual samples are split the same way
+        # (symmetric), or go with their first real sample (asymmetric).
+        n_real = embeddings.shape[0]
+        real, virtual = all_queries[:n_real], all_queries[n_real:]
+        own = real.tensor_split(count)[index]
+        if gallery is None or mix is None:
+            virtual = virtual.tensor_split(count)[index]
+        else:
+            in_shard = torch.zeros(n_real, dtype=torch.bool, device=labels.device)
+            in_shard[own] = True
+            virtual = virtual[in_shard[mix.first[n_real:]]]
+        queries = torch.cat([own, virtual])
     classes = LabelGroups(labels)
-    normalizer = int((classes.num_positives(all_queries) > 0).sum())
+    self_positive = gallery is not None and bool(self_positive)
+    # With its own gallery row as a positive, every query has one.
+    normalizer = labels.numel() if self_positive else int((classes.num_positives(all_queries) > 0).sum())
     if normalizer == 0:
         raise ValueError(
             "the batch has no positive pair (every label is unique), so RS@k is undefined: "
@@ -303,13 +348,14 @@ def recall_at_k_surrogate(
         )
     with loss_matmul_precision(tf32):
         return _RecallSurrogateFunction.apply(
-            embeddings, mix, queries, classes, ks, float(tau1), float(tau2),
+            embeddings, gallery, self_positive, mix, queries, classes, ks, float(tau1), float(tau2),
             bool(rank_includes_query), chunk_size, normalizer,
         )
 
 
 class RecallAtKSurrogate(nn.Module):
-    """RS@k as a module, called as ``loss(embeddings, labels, generator=None)``."""
+    """RS@k as a module, called as ``loss(embeddings, labels, generator=None)``; asymmetric
+    RS@k (``asymmetric=True``) as ``loss(embeddings, labels, generator, gallery=teacher_embeddings)``."""
 
     def __init__(
         self,
@@ -319,6 +365,8 @@ class RecallAtKSurrogate(nn.Module):
         simix: bool = False,
         rank_includes_query: bool = False,
         chunk_size: int | None = None,
+        asymmetric: bool = False,
+        self_positive: bool = True,
         tf32: bool = False,
     ) -> None:
         super().__init__()
@@ -327,6 +375,7 @@ class RecallAtKSurrogate(nn.Module):
         self.simix = simix
         self.rank_includes_query = rank_includes_query
         self.chunk_size = chunk_size
+        self.asymmetric, self.self_positive = asymmetric, self_positive
         self.tf32 = tf32
 
     def forward(
@@ -335,15 +384,19 @@ class RecallAtKSurrogate(nn.Module):
         labels: Tensor,
         generator: torch.Generator | None = None,
         query_shard: tuple[int, int] | None = None,
+        gallery: Tensor | None = None,
     ) -> Tensor:
+        check_gallery(self.asymmetric, gallery, embeddings)
         return recall_at_k_surrogate(
             embeddings, labels, k=self.k, tau1=self.tau1, tau2=self.tau2, simix=self.simix,
             rank_includes_query=self.rank_includes_query, chunk_size=self.chunk_size,
-            generator=generator, query_shard=query_shard, tf32=self.tf32,
+            generator=generator, query_shard=query_shard, gallery=gallery, self_positive=self.self_positive,
+            tf32=self.tf32,
         )
 
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, tau1={self.tau1}, tau2={self.tau2}, simix={self.simix}, "
             f"rank_includes_query={self.rank_includes_query}, chunk_size={self.chunk_size}, tf32={self.tf32}"
+            + (f", asymmetric=True, self_positive={self.self_positive}" if self.asymmetric else "")
         )

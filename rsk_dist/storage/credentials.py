@@ -18,27 +18,52 @@ import re
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
-# scheme://userinfo@ : a user name (often an access key id) and maybe a password in a URL
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s?#]+@")
+# A URL's scheme, and the rest of its token (URLs hold no whitespace).
+_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>\S*)")
+
+
+def _userinfo_end(rest: str) -> int:
+    """How many leading characters of ``rest`` (a URL after ``scheme://``) are credentials
+    (``user[:secret]@``), 0 for none. Secrets may hold any character, ``/``, ``@``, ``:``, ``?``
+    among them, so the authority cannot be cut at the first ``/``: when an ``@`` follows, a
+    first segment with an ``@`` or a ``:`` starts credentials, and they run to the last ``@``
+    (never a part of the secret is left). The price: an ``http://host:port/...`` URL with an
+    ``@`` in its path is taken for one with credentials."""
+    at = rest.rfind("@")
+    first = rest.split("/", 1)[0]
+    return at + 1 if at >= 0 and ("@" in first or ":" in first) else 0
+
+
+def _redact_url(m: re.Match[str]) -> str:
+    rest = m.group("rest")
+    end = _userinfo_end(rest)
+    if not end:
+        return m.group(0)
+    return f"{m.group('scheme')}***@{rest[end:]}"
 
 
 def redact(text: str) -> str:
-    """``text`` with the values of the secret AWS variables and any ``user[:password]@`` of a
-    URL replaced by ``***``."""
+    """``text`` with the values of the secret AWS variables and any credentials of a URL
+    (``user[:secret]@``, whatever characters the secret holds) replaced by ``***``."""
     text = str(text)
     for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return _USERINFO.sub(r"\g<scheme>***@", text)
+    return _URL.sub(_redact_url, text)
 
 
-def refuse_credentials(url: str) -> str:
-    """``url`` itself, or a ValueError (naming it redacted) when it embeds credentials: a saved
-    config, a submitted job or a log line would carry them."""
-    if _USERINFO.search(str(url)):
+def has_credentials(text: str) -> bool:
+    """Whether any URL in ``text`` holds credentials before its host."""
+    return any(_userinfo_end(m.group("rest")) for m in _URL.finditer(str(text)))
+
+
+def refuse_credentials(url: str, where: str = "") -> str:
+    """``url`` itself, or a ValueError (naming it redacted, and ``where`` it came from) when it
+    embeds credentials: a saved config, a submitted job or a log line would carry them."""
+    if has_credentials(url):
         raise ValueError(
-            f"{redact(url)!r} has credentials inside the URL (user[:secret]@): remove them and use "
+            f"{redact(url)!r}{where} has credentials inside the URL (user[:secret]@): remove them and use "
             "the standard environment variables (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
             "AWS_SESSION_TOKEN, or GOOGLE_APPLICATION_CREDENTIALS for gs://) or a profile "
             "(AWS_PROFILE) instead"
@@ -56,7 +81,7 @@ def s3_endpoint() -> tuple[str | None, str | None]:
     set it, or ``(None, None)`` for AWS's own."""
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         if os.environ.get(name):
-            return os.environ[name], name
+            return refuse_credentials(os.environ[name], f" (from {name})"), name
     return None, None
 
 

@@ -7,7 +7,7 @@ import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from rsk_dist.storage.credentials import protocol_of, redact
+from rsk_dist.storage.credentials import protocol_of, redact, s3_endpoint
 from rsk_dist.storage.errors import StorageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +50,8 @@ def filesystem(url: str, fast: bool = False, pool: int | None = None) -> tuple[A
 
     url = str(url)
     try:
+        if protocol_of(url) in ("s3", "s3a"):
+            s3_endpoint()  # refuses an endpoint variable that carries credentials
         fs, path = fsspec.core.url_to_fs(url, **storage_options(url, fast, pool))
     except ImportError as err:
         raise StorageError(
