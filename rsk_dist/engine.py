@@ -85,9 +85,9 @@ class LargeBatchStep:
         chunk_size: int,
         autocast_dtype: torch.dtype | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        teacher: nn.Module | None = None,
         normalize: Callable[[Tensor], Tensor] | None = None,
         clock: Clock | None = None,
-        teacher: nn.Module | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
