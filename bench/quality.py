@@ -152,7 +152,7 @@ def main_asymmetric(args: argparse.Namespace, train: MemorySource, test: MemoryS
     }
     for seed in args.seeds:
         teacher = teacher_for(seed, width, teacher_epochs, train, args.teacher_dir)
-        for name in [*ASYMMETRIC_RUNS, "teacher"]:
+        for name in args.asymmetric_runs:
             if str(seed) in results.get(name, {}):
                 continue
             t0 = time.perf_counter()
@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/quality.json"))
     parser.add_argument("--data", type=Path, default=DATA, help="the folder of the Omniglot zips")
     parser.add_argument("--asymmetric", action="store_true", help="the asymmetric study (see above)")
+    parser.add_argument("--asymmetric-runs", nargs="+", default=[*ASYMMETRIC_RUNS, "teacher"],
+                        choices=[*ASYMMETRIC_RUNS, "teacher"])
     parser.add_argument("--teacher", type=int, nargs=2, default=[64, 16], metavar=("WIDTH", "EPOCHS"))
     parser.add_argument("--teacher-dir", type=Path, default=Path("runs/teachers"))
     args = parser.parse_args()

@@ -18,7 +18,16 @@ depend on the model.
 ResNet-50: 3 x 224 x 224 random images, dim 512, the same loss; ``--resnet50-batch`` images in
 chunks of ``--resnet50-chunk``. ``--autocast bf16`` runs both forwards under autocast.
 
-    python bench/step.py [--device cpu|cuda] [--models small_cnn resnet50] [--autocast none|bf16|fp16]
+Asymmetric (``--models asymmetric``): the study's student (small CNN of width ``STUDENT_WIDTH``)
+trained alone (symmetric RS@k) beside the same student against a frozen teacher (width
+``TEACHER_WIDTH``, asymmetric RS@k): the step's time and memory, and the teacher's forward alone,
+at ``--asymmetric-sizes``. Then the bytes a worker receives per step for the loss in sharded
+mode (the parameter gradients' all-reduce is the same in both): symmetric, the other workers'
+embeddings and the gradient exchange; asymmetric, the other workers' teacher rows only (without
+SiMix, or with SiMix when no class is split between workers; tests/test_distributed.py checks
+these counts on gloo workers).
+
+    python bench/step.py [--device cpu|cuda] [--models small_cnn resnet50 asymmetric] [--autocast none|bf16|fp16]
                          [--sizes 256 512 1024 2048 4096 8192] [--chunk 256] [--single-max 8192]
                          [--resnet50-batch 8] [--resnet50-chunk 2] [--repeats 2]
 """
@@ -37,27 +46,36 @@ from bench.measure import in_subprocess, machine, measure, table  # noqa: E402
 from rsk_dist.engine import LargeBatchStep  # noqa: E402
 from rsk_dist.losses import RecallAtKSurrogate  # noqa: E402
 from rsk_dist.models import build_model  # noqa: E402
+from rsk_dist.teacher import freeze  # noqa: E402
 
 PER_CLASS, TAU2 = 4, 0.003
 # name: (embedding dim, channels, image size)
 MODELS = {"small_cnn": (128, 1, 28), "resnet50": (512, 3, 224)}
+STUDENT_WIDTH, TEACHER_WIDTH = 32, 64  # bench/quality.py's asymmetric study
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_case(impl: str, name: str, n: int, chunk: int, device: str, repeats: int, autocast: str) -> dict:
     torch.manual_seed(0)
     dim, channels, size = MODELS[name]
-    model = build_model(name, dim=dim, in_channels=channels).to(device)
-    loss = RecallAtKSurrogate(tau2=TAU2)
+    # student, asymmetric, teacher: the asymmetric comparison (small CNN widths of the study)
+    width = {"student": STUDENT_WIDTH, "asymmetric": STUDENT_WIDTH, "teacher": TEACHER_WIDTH}.get(impl)
+    model = build_model(name, dim=dim, in_channels=channels, width=width).to(device)
+    teacher = freeze(build_model(name, dim=dim, in_channels=channels, width=TEACHER_WIDTH).to(device)) if impl == "asymmetric" else None
+    loss = RecallAtKSurrogate(tau2=TAU2, asymmetric=teacher is not None)
     # Created before measure() takes its baseline: the batch's pixels are an input, not a cost.
     images = torch.rand(n, channels, size, size, device=device)
     labels = torch.arange(n // PER_CLASS, device=device).repeat_interleave(PER_CLASS)
     dtype = AUTOCAST[autocast]
-    two_pass = LargeBatchStep(model, loss, chunk_size=chunk, autocast_dtype=dtype)
+    two_pass = LargeBatchStep(model, loss, chunk_size=chunk, autocast_dtype=dtype, teacher=teacher)
 
     def run(x: torch.Tensor = images, y: torch.Tensor = labels) -> None:
         model.zero_grad(set_to_none=True)
-        if impl == "two-pass":
+        if impl == "teacher":  # the teacher's forward of the batch, as the asymmetric step runs it
+            freeze(model)
+            two_pass.teacher = model
+            two_pass.embed_teacher(x)
+        elif impl in ("two-pass", "student", "asymmetric"):
             two_pass.step(x, y)
         else:
             with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -93,7 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda: the small CNN on the GPU, and ResNet-50 on both the CPU and the GPU")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=[*MODELS, "asymmetric"], default=list(MODELS))
+    parser.add_argument("--asymmetric-sizes", type=int, nargs="+", default=[1024, 4096], help="batches of the asymmetric rows")
     parser.add_argument("--autocast", choices=list(AUTOCAST), default="none")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192],
                         help="small CNN batch sizes (multiples of 4)")
@@ -137,6 +156,34 @@ def main() -> None:
               f"two-pass chunk {args.resnet50_chunk}, autocast {args.autocast}, MB: peak RSS growth (cpu), "
               f"peak allocated (cuda): {machine()}\n")
         print(table(["device", *header], rows))
+    if "asymmetric" in args.models:
+        asymmetric_tables(args)
+
+
+def asymmetric_tables(args: argparse.Namespace) -> None:
+    rows = []
+    for n in args.asymmetric_sizes:
+        case = ["small_cnn", str(n), str(args.chunk), args.device, str(args.repeats), args.autocast]
+        alone, asym, teacher = (in_subprocess(__file__, [impl, *case]) for impl in ("student", "asymmetric", "teacher"))
+        if any("error" in r for r in (alone, asym, teacher)):
+            rows.append([str(n), *(r.get("error", "ok") for r in (alone, asym, teacher)), "-", "-"])
+            continue
+        rows.append([str(n), f"{alone['seconds']:.3f}", f"{asym['seconds']:.3f}", f"{teacher['seconds']:.3f}",
+                     f"{asym['seconds'] / alone['seconds']:.2f}x", f"{alone['peak_growth_mb']:.0f} / {asym['peak_growth_mb']:.0f}"])
+        print(f"done asymmetric N={n}", file=sys.stderr)
+    dim, channels, size = MODELS["small_cnn"]
+    print(f"Asymmetric step, student small_cnn width {STUDENT_WIDTH} against a frozen teacher of width {TEACHER_WIDTH}, "
+          f"dim {dim}, {channels}x{size}x{size}, RS@k tau2={TAU2}, two-pass chunk {args.chunk}, device {args.device}: {machine()}\n")
+    print(table(["batch", "student alone s/step", "asymmetric s/step", "teacher forward s", "time ratio (asymmetric / alone)",
+                 "MB alone / asymmetric"], rows))
+    n = max(args.asymmetric_sizes)
+    rows = []
+    for w in (2, 4, 8):
+        shard = -(-n // w) * dim * 4  # float32 rows of the largest shard, as the collectives pad to it
+        symmetric, asymmetric = 2 * (w - 1) * shard, (w - 1) * shard
+        rows.append([str(w), f"{symmetric / 2**20:.2f}", f"{asymmetric / 2**20:.2f}", f"{symmetric / asymmetric:.1f}x"])
+    print(f"\nLoss bytes received per worker and step, sharded mode, batch {n}, dim {dim}, float32 (ring collectives):\n")
+    print(table(["workers", "symmetric MB", "asymmetric MB", "ratio"], rows))
 
 
 if __name__ == "__main__":

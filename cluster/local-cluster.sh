@@ -8,8 +8,10 @@
 #   cluster/local-cluster.sh stop          stop exactly the processes this script started
 #   cluster/local-cluster.sh status        `ray status` of that cluster
 #
-# Settings (environment): RSK_CLUSTER_DIR (state and Ray's temp dir; default
-# /tmp/rsk-local-cluster, keep it short: Ray's socket paths must fit in 107 bytes),
+# Settings (environment): RSK_CLUSTER_DIR (state, and Ray's temp dirs: one per node, $DIR/ray/<i>,
+# so that each node's log monitor sends its own node's logs to the drivers, not all nodes' logs
+# once per node; default /tmp/rsk-local-cluster, keep it short: Ray's socket paths must fit in
+# 107 bytes),
 # RSK_GCS_PORT (6390), RSK_DASHBOARD_PORT (8266), RSK_CLIENT_PORT (20011), RSK_AGENT_PORT (52400,
 # node i's dashboard agent on +i), RSK_CPUS_PER_NODE (1), RSK_DASHBOARD (1; 0: no dashboard and
 # no job server), RSK_NODE_IP (127.0.0.2: the address every node advertises), RAY (the ray CLI;
@@ -117,13 +119,13 @@ cmd_start() {
   start_node head "$DIR/head.log" \
     --head --node-name=head --port="$GCS_PORT" "${extra[@]}" \
     --dashboard-agent-listen-port="$AGENT_PORT" \
-    --num-cpus="$CPUS" --resources='{"node_0": 1}' --temp-dir="$DIR/ray"
+    --num-cpus="$CPUS" --resources='{"node_0": 1}' --temp-dir="$DIR/ray/0"
   wait_for 120 "the head node" started "$DIR/head.log"
   for i in $(seq 1 "$workers"); do  # one at a time: a node that waits too long for the GCS gives up
     start_node "worker$i" "$DIR/worker$i.log" \
       --address="$NODE_IP:$GCS_PORT" --node-name="worker$i" --num-cpus="$CPUS" \
       --resources="{\"node_$i\": 1}" --dashboard-agent-listen-port="$((AGENT_PORT + i))" \
-      --temp-dir="$DIR/ray"
+      --temp-dir="$DIR/ray/$i"
     wait_for 120 "worker node $i" started "$DIR/worker$i.log"
   done
   STARTING=0
@@ -185,6 +187,6 @@ case "${1:-start}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   [0-9]*) cmd_start "$1" ;;
-  -h|--help|help) sed -n '2,29p' "$0" ;;
+  -h|--help|help) sed -n '2,31p' "$0" ;;
   *) die "unknown command '$1' (start [N], stop, status)" ;;
 esac

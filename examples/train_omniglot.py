@@ -52,11 +52,13 @@ def main() -> None:
     sampler = ClassBalancedSampler(train.labels, args.batch, samples_per_class=4, seed=args.seed)
     print(f"train: {len(train)} images, {int(train.labels.max()) + 1} classes; test: {len(test)} images, "
           f"{test.labels.unique().numel()} classes; {sampler.steps_per_epoch} steps per epoch")
-    print("before training:", {k: round(v, 4) for k, v in evaluate(model, test).items()})
+    print("before training:", {k: round(v, 4) for k, v in evaluate(model, test).items()}, flush=True)
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
         losses = [train_step(step, optimizer, sampler, train, epoch, s)["loss"] for s in range(sampler.steps_per_epoch)]
-        print(f"epoch {epoch + 1}: loss {sum(losses) / len(losses):.4f} ({time.perf_counter() - t0:.1f} s)")
+        # flushed: piped (| tee, a log file) stdout is block-buffered and would show nothing until the end
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {sum(losses) / len(losses):.4f} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
     metrics = evaluate(model, test, ks=(1, 2, 4, 8))
     print(" ".join(f"Recall@{k} {metrics[f'recall@{k}']:.4f}" for k in (1, 2, 4, 8)), f"MAP@R {metrics['map@r']:.4f}")
 

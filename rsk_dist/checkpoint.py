@@ -11,10 +11,14 @@ import hashlib
 import io
 import json
 import posixpath
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from rsk_dist.config import JobConfig
 
 STATE, MANIFEST = "state.pt", "manifest.json"
 
@@ -94,6 +98,13 @@ def load_state(url: str | Path, map_location: str | torch.device = "cpu") -> dic
             "directory is damaged or not a checkpoint; resume from an earlier one"
         )
     try:
+        # The size first: a state far larger than its manifest says is refused unread.
+        size = fs.size(posixpath.join(path, STATE))
+        if size != manifest["bytes"]:
+            raise CheckpointError(
+                f"{redact(url)}: {STATE} does not match its manifest: it is {size} bytes, the manifest says "
+                f"{manifest['bytes']} (truncated, altered or overwritten); resume from an earlier checkpoint"
+            )
         data = fs.cat_file(posixpath.join(path, STATE))
     except FileNotFoundError:
         # Uploads of a checkpoint's files run on threads in no set order: a manifest can arrive
@@ -129,18 +140,56 @@ def _not_a_checkpoint(url: str) -> str:
     )
 
 
-def latest_checkpoint(run_url: str) -> str | None:
-    """The URL of a run directory's latest complete checkpoint (one with a manifest), or None.
-    Checkpoint names (``checkpoint_epoch_EEEEE[_step_SSSSS]``) sort in training order."""
+def checkpoints(run_url: str) -> list[str]:
+    """The URLs of a run directory's checkpoints that have a manifest, oldest first: names
+    (``checkpoint_epoch_EEEEE[_step_SSSSS]``) sort in training order."""
     from rsk_dist.storage import filesystem, join
 
     fs, path = filesystem(run_url)
     fs.invalidate_cache()
     if not fs.exists(path):
-        return None
+        return []
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    complete = [n for n in names if n.startswith("checkpoint_epoch_") and fs.exists(join(path, n, MANIFEST))]
-    return join(run_url, complete[-1]) if complete else None
+    return [join(run_url, n) for n in names if n.startswith("checkpoint_epoch_") and fs.exists(join(path, n, MANIFEST))]
+
+
+def latest_checkpoint(run_url: str) -> str | None:
+    """The URL of a run directory's latest checkpoint with a manifest (unverified), or None."""
+    found = checkpoints(run_url)
+    return found[-1] if found else None
+
+
+def latest_state(run_url: str, map_location: str | torch.device = "cpu") -> tuple[str, dict[str, Any]] | None:
+    """The run's newest checkpoint that verifies, (URL, state), or None when it has none.
+    A newer one that does not verify (damaged, cut-off upload) is passed over with a warning
+    naming it: one bad checkpoint must not block a resume from the good ones before it."""
+    for url in reversed(checkpoints(run_url)):
+        try:
+            return url, load_state(url, map_location)
+        except CheckpointError as err:
+            warnings.warn(f"skipping damaged checkpoint {err}; falling back to the one before it", stacklevel=2)
+    return None
+
+
+def state_config(state: dict[str, Any], url: str) -> JobConfig:
+    """The job config a checkpoint's state was trained with, as a clear error when it has none."""
+    from pydantic import ValidationError
+
+    from rsk_dist.config import JobConfig
+    from rsk_dist.storage import redact
+
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(
+            f"{redact(url)} holds no job config (no 'config' entry): it was not written by rsk-dist's training; "
+            "use a checkpoint of a training run"
+        )
+    try:
+        return JobConfig.model_validate(state["config"])
+    except ValidationError as err:
+        raise CheckpointError(
+            f"{redact(url)}: its job config is not valid for this version of rsk-dist ({err.error_count()} "
+            f"problem(s), first: {'.'.join(map(str, err.errors()[0]['loc']))}: {err.errors()[0]['msg']})"
+        ) from None
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -150,11 +199,10 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 def load_model(url: str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
     """The embedding model of a checkpoint, in eval mode, and its job config."""
-    from rsk_dist.config import JobConfig
     from rsk_dist.models import build_model
 
     state = load_state(url, map_location)
-    config = JobConfig.model_validate(state["config"])
+    config = state_config(state, url)
     m = config.model
     model = build_model(m.name, dim=m.dim, pooling=m.pooling, pretrained=False, in_channels=m.in_channels,
                         dropout=m.dropout, freeze_bn=m.freeze_bn, width=m.width)

@@ -37,14 +37,18 @@ class ModelConfig(Section):
     freeze_bn: bool = True
     compile: bool = False  # torch.compile the backbone (first steps slower while it compiles)
     channels_last: bool = False  # NHWC weights and images: faster convolutions under autocast
+    # float64: weights and images in double precision, for exactness checks (tests); slower
+    dtype: Literal["float32", "float64"] = "float32"
 
 
 class LossConfig(Section):
     # regression: onto a teacher's embedding of the same image (asymmetric only)
     name: Literal["rsk", "contrastive", "multi_similarity", "regression"] = "rsk"
     k: tuple[int, ...] = (1, 2, 4, 8, 16)
-    tau1: float = Field(1.0, gt=0)
-    tau2: float = Field(0.01, gt=0)
+    # At least 1e-4: the loss scales similarity differences (up to 2) by 1/tau, which must stay
+    # finite in float16 (max 65504) under autocast; the paper's values are 1 and 0.01.
+    tau1: float = Field(1.0, ge=1e-4, allow_inf_nan=False)
+    tau2: float = Field(0.01, ge=1e-4, allow_inf_nan=False)
     simix: bool = False
     rank_includes_query: bool = False
     chunk_size: int | None = Field(None, ge=1)  # queries per loss chunk; None: from a memory budget
@@ -89,6 +93,8 @@ class DataSource(Section):
             raise ValueError(f"a {self.kind!r} data source needs a url")
         if self.kind == "digits" and self.split not in ("train", "test"):
             raise ValueError("the digits source needs split: train or split: test")
+        if self.kind == "digits" and self.exclude_classes:
+            raise ValueError("exclude_classes applies to shards and zip sources; the digits source keeps its 10 classes")
         return self
 
 
@@ -108,12 +114,22 @@ class DataConfig(Section):
     draft: bool = False  # JPEGs decoded at reduced size where the crop allows: faster, pixels differ
     cache_dir: str | None = None
     cache_max_bytes: int | None = Field(None, ge=0)  # shards kept in cache_dir; None: no limit
+    # Seconds a batch's reads from the store may take in all, and a decoder process one chunk of
+    # images, before a clear error (a stopped decoder is killed and started again first).
+    read_deadline_s: float = Field(300.0, gt=0, allow_inf_nan=False)
+    decode_deadline_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+
+
+# Seeds seed torch's generators (at most 2**64 - 1) and numpy's SeedSequence (no negatives).
+MAX_SEED = 2**63 - 1
+# Global batches beyond this many images are a typo (1e20), not a job: refused before they fail in a worker.
+MAX_BATCH = 1 << 20
 
 
 class SamplerConfig(Section):
-    batch_size: int = Field(ge=2)
-    samples_per_class: int = Field(4, ge=2)
-    seed: int = 0
+    batch_size: int = Field(ge=2, le=MAX_BATCH)
+    samples_per_class: int = Field(4, ge=2, le=MAX_BATCH)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # epoch: every image once per epoch, m at a time per class (the paper's epochs);
     # uniform: B/m classes drawn uniformly at every step (see rsk_dist.sampler)
     mode: SamplerMode = "epoch"
@@ -130,11 +146,11 @@ class SamplerConfig(Section):
 
 class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(4e-4, ge=0)
-    momentum: float = Field(0.9, ge=0)  # sgd only
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(4e-4, ge=0, allow_inf_nan=False)
+    momentum: float = Field(0.9, ge=0, allow_inf_nan=False)  # sgd only
     lr_steps: tuple[int, ...] = ()  # epochs at which the LR is multiplied by lr_gamma
-    lr_gamma: float = Field(0.3, gt=0)
+    lr_gamma: float = Field(0.3, gt=0, allow_inf_nan=False)
 
 
 class TrainConfig(Section):
@@ -143,7 +159,7 @@ class TrainConfig(Section):
     chunk_size: int = Field(128, ge=1)  # images per forward chunk of the two-pass step
     autocast: Literal["none", "bf16", "fp16"] = "none"
     eval_every: int = Field(1, ge=1)  # epochs
-    eval_k: tuple[int, ...] = (1, 2, 4, 8)
+    eval_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 2, 4, 8), min_length=1)
     log_every: int = Field(1, ge=1)  # steps
     # The model's float32 convolutions and matmuls in TF32 on CUDA (Ampere+). Off (unlike torch's
     # default for cuDNN): autocast none computes in float32.
@@ -242,6 +258,8 @@ class JobConfig(Section):
             )
         if self.teacher is not None and self.teacher.model is not None:
             check_teacher_fits(self.teacher.model, self.model)
+        if self.teacher is not None and self.model.dtype != "float32":
+            raise ValueError("model.dtype float64 (for exactness checks) is not supported with a teacher: use float32")
         return self
 
 

@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rsk_dist.data.feeder import to_float
 from rsk_dist.data.sources import Source
 from rsk_dist.distributed import all_gather_rows, rank_and_world
 from rsk_dist.metrics import retrieval_metrics
+from rsk_dist.preprocess import to_float
 
 
 def _eager() -> contextlib.AbstractContextManager:
@@ -43,13 +43,16 @@ def embed_source(
     chunks = mine.split(chunk_size)
     prefetch = getattr(source, "prefetch", None)
     parts = []
-    mean, std = getattr(source, "mean", None), getattr(source, "std", None)
+    # a feeder's, which also casts to the model's dtype; a bare source's normalisation otherwise
+    normalize = getattr(source, "normalize", None) or (
+        lambda x: to_float(x, getattr(source, "mean", None), getattr(source, "std", None))
+    )
     try:
         with _eager():
             for i, idx in enumerate(chunks):
                 if prefetch is not None and i + 1 < len(chunks):
                     prefetch(chunks[i + 1])  # read and decode the next chunk while this one is embedded
-                parts.append(model(to_float(source(idx)[0].to(device), mean, std)).float())
+                parts.append(model(normalize(source(idx)[0].to(device))).float())
     finally:
         model.train(was_training)
     emb = torch.cat(parts) if parts else torch.empty(0, device=device)

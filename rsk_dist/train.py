@@ -11,7 +11,10 @@ count); on CUDA within float rounding, as cuDNN's and other kernels' sums vary i
 """
 from __future__ import annotations
 
+import bisect
+from collections import Counter
 import math
+import os
 import tempfile
 import threading
 import time
@@ -23,17 +26,20 @@ from torch import nn
 
 from rsk_dist import numerics
 from rsk_dist.checkpoint import (
-    CheckpointError, checkpoint_name, cpu_copy, latest_checkpoint, load_model, load_state, publish_state, write_checkpoint,
+    CheckpointError, checkpoint_name, cpu_copy, latest_state, load_model, load_state, publish_state, state_config,
+    write_checkpoint,
 )
 from rsk_dist.clock import Clock
 from rsk_dist.config import (
     DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, check_teacher_fits, local_absolute,
 )
+from rsk_dist.console import duration
 from rsk_dist.data.feeder import Feeder
 from rsk_dist.data.sources import MemorySource, digits_split, zip_source
 from rsk_dist.distributed import GlobalBatchLoss, rank_and_world
 from rsk_dist.engine import LargeBatchStep
 from rsk_dist.evaluate import embed_source, evaluate, three_settings
+from rsk_dist.lease import RunLease, check_holder
 from rsk_dist.metrics import retrieval_metrics, revisited_map, vehicleid_metrics
 from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, Regression
 from rsk_dist.loop import train_step
@@ -48,13 +54,14 @@ if TYPE_CHECKING:  # Ray is imported where it is used: importing this module sta
     import ray.train
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE = {"float32": torch.float32, "float64": torch.float64}
 
 
 def open_source(
     spec: DataSource, data: DataConfig, train: bool, seed: int = 0, in_channels: int = 1,
-    device: torch.device | str = "cpu", cpus: float | None = None,
+    device: torch.device | str = "cpu", cpus: float | None = None, dtype: torch.dtype = torch.float32,
 ) -> Feeder:
-    """The source ``spec`` names, fed as float batches to ``device``; a streamed source decodes
+    """The source ``spec`` names, fed as ``dtype`` batches to ``device``; a streamed source decodes
     with ``data.decoders`` processes, or one per CPU of ``cpus`` (None: all this process may use)."""
     if spec.kind == "digits":
         source = digits_split(spec.split or "train")
@@ -70,10 +77,11 @@ def open_source(
             decoders=data.decoders or (max(1, int(cpus)) if cpus else None),
             # this step's batch and prefetch_steps more (evaluation prefetches one chunk ahead)
             max_pending=max(2, data.prefetch_steps + 1), cache_max_bytes=data.cache_max_bytes, draft=data.draft,
-        ), device)
+            read_deadline_s=data.read_deadline_s, decode_deadline_s=data.decode_deadline_s,
+        ), device, dtype)
     if train and data.augment:
         source = MemorySource(source.images, source.labels, augment_seed=seed)
-    return Feeder(source, device)
+    return Feeder(source, device, dtype)
 
 
 def build_loss(cfg: LossConfig, clock: Clock | None = None) -> GlobalBatchLoss:
@@ -101,9 +109,46 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> tuple[torch.optim.Opt
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_steps), cfg.lr_gamma)
 
 
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+def apply_optim_config(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR
+) -> None:
+    """Puts ``cfg``'s hyperparameters into an optimizer and schedule loaded from a checkpoint,
+    whose states restore the old ones; the learning rate is the schedule's at its epoch."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.milestones = Counter(cfg.lr_steps)
+    scheduler.gamma = cfg.lr_gamma
+    lr = cfg.lr * cfg.lr_gamma ** bisect.bisect_right(sorted(cfg.lr_steps), scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group.update(lr=lr, initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+
+
+def check_state(
+    config: JobConfig, state: dict[str, Any], url: str, fingerprint: str | None, allow_config_change: bool
+) -> JobConfig:
+    """Refuses to resume ``config`` from the checkpoint ``state`` (at ``url``) when the training
+    would change (its config's maths fields, or the training data's fingerprint) unless
+    ``allow_config_change``; returns the checkpoint's config. Runs wherever a resume happens."""
+    from rsk_dist.config import maths_changes
+
+    old = state_config(state, url)
+    if allow_config_change:
+        return old
+    changed = maths_changes(old, config)
+    if changed:
+        raise CheckpointError(
+            f"the config differs from the one {url} was trained with in fields that change the training: "
+            f"{', '.join(changed)}; restore them, or pass --allow-config-change to continue with the new values"
+        )
+    recorded = state.get("dataset")
+    if recorded and fingerprint and recorded != fingerprint:
+        raise CheckpointError(
+            f"the training data at {config.data.train.url} has changed since {url} was written (dataset "
+            f"fingerprint {recorded[:16]} then, {fingerprint[:16]} now: it was re-ingested or overwritten); "
+            "resume on the data it was trained on, or pass --allow-config-change to continue on the new data"
+        )
+    return old
 
 
 class Trainer:
@@ -112,10 +157,12 @@ class Trainer:
 
     def __init__(
         self, config: JobConfig, device: torch.device, state: dict[str, Any] | None = None,
+        allow_config_change: bool = False, state_url: str = "the checkpoint",
         draining: Callable[[], bool] | None = None,
     ) -> None:
         """``draining``: the cluster's notice that a node of the job is being drained (see
-        :class:`~rsk_dist.preemption.CheckpointSchedule`)."""
+        :class:`~rsk_dist.preemption.CheckpointSchedule`). A ``state`` (read from ``state_url``) is
+        checked against ``config`` here, wherever the resume happens (see :func:`check_state`)."""
         self.config, self.device = config, device
         c = config
         numerics.configure(c.train.deterministic, c.train.tf32)  # before any CUDA work of the model
@@ -124,15 +171,20 @@ class Trainer:
             c.model.name, dim=c.model.dim, pooling=c.model.pooling, pretrained=c.model.pretrained,
             in_channels=c.model.in_channels, dropout=c.model.dropout, freeze_bn=c.model.freeze_bn,
             channels_last=c.model.channels_last, compile=c.model.compile, width=c.model.width,
-        ).to(device)
+        ).to(device, DTYPE[c.model.dtype])
         clock = Clock(device)  # one for the step's phases and the loss's communication
         self.loss = build_loss(c.loss, clock)
         # Frozen: it is in no optimizer, gets no gradient and stays in eval mode (rsk_dist.teacher).
         self.teacher = load_teacher(c.teacher, device) if c.teacher is not None else None
         self.optimizer, self.scheduler = build_optimizer(c.optim, self.model)
         cpus = c.scaling.cpus_per_worker
-        self.train_data = open_source(c.data.train, c.data, True, c.sampler.seed, c.model.in_channels, device, cpus)
-        self.eval_data = open_source(c.data.eval, c.data, False, 0, c.model.in_channels, device, cpus) if c.data.eval else None
+        dtype = DTYPE[c.model.dtype]
+        self.train_data = open_source(c.data.train, c.data, True, c.sampler.seed, c.model.in_channels, device, cpus, dtype)
+        self.eval_data = (
+            open_source(c.data.eval, c.data, False, 0, c.model.in_channels, device, cpus, dtype) if c.data.eval else None
+        )
+        # The training data's content (an ingested dataset's fingerprint; None for built-in sources).
+        self.dataset = getattr(self.train_data.source, "fingerprint", None)
         self.sampler = ClassBalancedSampler(
             self.train_data.labels, c.sampler.batch_size, c.sampler.samples_per_class, c.sampler.seed, c.sampler.mode
         )
@@ -150,9 +202,12 @@ class Trainer:
         # TensorBoard events and training.png beside the checkpoints, written by rank 0 alone
         self.monitor = RunMonitor(c.run.storage_path, c.run.name, enabled=rank_and_world()[0] == 0)
         if state is not None:
+            old = check_state(c, state, state_url, self.dataset, allow_config_change)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if old.optim != c.optim:  # only then: recomputing an unchanged LR could differ in the last bit
+                apply_optim_config(c.optim, self.optimizer, self.scheduler)
             self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
             self.step_in_epoch, self.losses = state["step"], state.get("losses", [])
             if self.step_in_epoch >= self.steps_per_epoch:
@@ -168,7 +223,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step_in_epoch,
             "losses": self.losses, "history": self.history, "best": self.best,
-            "config": self.config.model_dump(mode="json"),
+            "config": self.config.model_dump(mode="json"), "dataset": self.dataset,
             "grad_scaler": self.step.grad_scaler.state_dict() if self.step.grad_scaler is not None else None,
         }
 
@@ -192,7 +247,7 @@ class Trainer:
                 print(
                     f"[rsk-dist] epoch {self.epoch + 1}/{c.train.epochs} step {done}/{total} "
                     f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.0f} img/s "
-                    f"ETA {_eta(rate * (total - done))}", flush=True,
+                    f"ETA {duration(rate * (total - done))}", flush=True,
                 )
                 self.monitor.log_step(done, metrics)
             summary = {**metrics, "epoch": self.epoch, "step": done}
@@ -261,11 +316,12 @@ class RayCheckpointReport:
     At most one copy is in flight: a store slower than the checkpoints slows training down
     instead of filling memory with copies."""
 
-    def __init__(self, mode: str, steps_per_epoch: int) -> None:
+    def __init__(self, mode: str, steps_per_epoch: int, run_url: str, holder: str | None) -> None:
         from ray.train import CheckpointUploadMode
 
         self.mode = CheckpointUploadMode.ASYNC if mode == "async" else CheckpointUploadMode.SYNC
         self.steps_per_epoch = steps_per_epoch
+        self.run_url, self.holder = run_url, holder
         self.written = threading.Event()
         self.written.set()
 
@@ -276,6 +332,8 @@ class RayCheckpointReport:
         if state is None:
             ray.train.report(metrics, checkpoint_dir_name=name)
             return
+        if self.holder is not None:  # never write into a run another job has taken over
+            check_holder(self.run_url, self.holder)
         self.written.wait()
         self.written.clear()
         snapshot = cpu_copy(state)
@@ -306,14 +364,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     config = JobConfig.model_validate(loop_config["config"])
     device = ray.train.torch.get_device()
-    # The run's latest complete checkpoint, rather than ray.train.get_checkpoint(): that is the
+    run_url = join(config.run.storage_path, config.run.name)
+    holder = loop_config.get("holder")
+    if holder is not None:  # a worker of a job that does not hold the run must not resume from it
+        check_holder(run_url, holder)
+    # The run's latest verified checkpoint, rather than ray.train.get_checkpoint(): that is the
     # latest Ray registered, and an asynchronous upload can complete (manifest written) just
     # before a driver dies, unregistered. Its manifest makes it as safe to load.
-    start = latest_checkpoint(join(config.run.storage_path, config.run.name)) or loop_config.get("resume_from")
-    state = load_state(start, map_location=device) if start else None
-    trainer = Trainer(config, device, state, draining=lambda: ray.train.get_preemption_info() is not None)
+    found = latest_state(run_url, map_location=device)
+    if found is None and loop_config.get("resume_from"):
+        found = loop_config["resume_from"], load_state(loop_config["resume_from"], map_location=device)
+    start, state = found or (None, None)
+    trainer = Trainer(
+        config, device, state, allow_config_change=loop_config.get("allow_config_change", False),
+        state_url=start or "", draining=lambda: ray.train.get_preemption_info() is not None,
+    )
     try:
-        trainer.run(RayCheckpointReport(config.run.checkpoint_upload, trainer.steps_per_epoch))
+        trainer.run(RayCheckpointReport(config.run.checkpoint_upload, trainer.steps_per_epoch, run_url, holder))
     except Preempted:
         # The step's checkpoint must be committed before this attempt ends and the retry looks for it.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
@@ -426,64 +493,91 @@ def _preemptible_torch_config(backend: str):
     return PreemptibleTorchConfig(backend=backend)
 
 
-def check_resume(config: JobConfig, resume_from: str | None, allow_config_change: bool = False) -> str | None:
-    """The checkpoint a run starts from (the run's latest, else ``resume_from``), verified and
-    checked against ``config``; raises before any worker starts when it cannot be used."""
-    from rsk_dist.config import maths_changes
-
-    latest = latest_checkpoint(join(config.run.storage_path, config.run.name))
+def check_resume(
+    config: JobConfig, resume_from: str | None, allow_config_change: bool = False, fingerprint: str | None = None
+) -> str | None:
+    """The checkpoint a run starts from (the run's latest that verifies, else ``resume_from``),
+    checked against ``config`` and the training data's ``fingerprint``; raises before any worker
+    starts when it cannot be used."""
+    found = latest_state(join(config.run.storage_path, config.run.name))
+    latest = found[0] if found else None
     if latest and resume_from:
         raise CheckpointError(
             f"run {config.run.name!r} in {config.run.storage_path} already has checkpoints (latest: {latest}); "
             f"a re-run resumes from them, so resume-from {resume_from} would be ignored: drop it, or set "
             "another run.name to start a new run from that checkpoint"
         )
-    start = latest or resume_from
-    if start is None:
+    if found is None and resume_from is None:
         return None
-    state = load_state(start)
-    changed = maths_changes(JobConfig.model_validate(state["config"]), config)
-    if changed and not allow_config_change:
-        raise CheckpointError(
-            f"the config differs from the one {start} was trained with in fields that change the training: "
-            f"{', '.join(changed)}; restore them, or pass --allow-config-change to continue with the new values"
-        )
+    start, state = found or (resume_from, load_state(resume_from))
+    check_state(config, state, start, fingerprint, allow_config_change)
     return start
+
+
+def start_ray(address: str | None) -> None:
+    """Connects to the cluster at ``address``, or, without one, starts a Ray instance of this
+    process's own: never one that another process started (``RAY_ADDRESS``, the machine's
+    latest ``ray start``), which could go away with that process."""
+    import ray
+
+    from rsk_dist.console import install_filters, job_runtime_env, stop_on_sigterm
+
+    install_filters()
+    # Without an address, RAY_ADDRESS is not passed on to the new instance's processes either.
+    inherited = os.environ.pop("RAY_ADDRESS", None) if address is None else None
+    try:
+        ray.init(address=address or "local", runtime_env=job_runtime_env(), log_to_driver=True)
+    finally:
+        if inherited is not None:
+            os.environ["RAY_ADDRESS"] = inherited
+    if threading.current_thread() is threading.main_thread():
+        stop_on_sigterm()
 
 
 def fit(
     config: JobConfig, address: str | None = None, resume_from: str | None = None, allow_config_change: bool = False
 ) -> dict[str, Any]:
-    """Runs the job on a Ray cluster (a local one when ``address`` is None); returns the last
-    reported metrics and the URL of the last checkpoint. Re-running with the same
-    ``run.storage_path`` and ``run.name`` resumes from that run's latest checkpoint, with the
-    new config (fields that change the training only with ``allow_config_change``)."""
-    import pyarrow.fs
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from rsk_dist.storage import filesystem, preflight
+    """Runs the job on a Ray cluster (a new local one when ``address`` is None, see
+    :func:`start_ray`); returns the last reported metrics and the URL of the last checkpoint.
+    Re-running with the same ``run.storage_path`` and ``run.name`` resumes from that run's
+    latest checkpoint, with the new config (fields that change the training only with
+    ``allow_config_change``)."""
+    from rsk_dist.prestart import check_data
+    from rsk_dist.storage import preflight
 
     config = absolutize_paths(config)  # Ray workers run in other directories
-    for spec in (config.data.train, config.data.eval):
-        if spec is not None and spec.kind == "shards":
-            preflight(spec.url, need_index=True, split=spec.split)
+    fingerprint = check_data(config)
     resume_from = local_absolute(resume_from) or config.run.resume_from
     preflight(config.run.storage_path, need_index=False, writable=True)
+    lease = RunLease(join(config.run.storage_path, config.run.name))
+    lease.refuse_if_held()  # "another job runs it" first: its checkpoints would fail the next check
     # Refuses a bad checkpoint or config change, or a teacher that does not fit, before any worker starts.
-    check_resume(config, resume_from, allow_config_change)
+    check_resume(config, resume_from, allow_config_change, fingerprint)
     if config.teacher is not None:
         check_teacher_fits(teacher_model_config(config.teacher), config.model)
+    with lease:
+        return _fit(config, address, resume_from, allow_config_change, lease.holder)
+
+
+def _fit(config: JobConfig, address: str | None, resume_from: str | None, allow_config_change: bool, holder: str) -> dict[str, Any]:
+    import pyarrow.fs
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rsk_dist.console import TRAIN_LOG_LEVEL
+    from rsk_dist.storage import filesystem
+
     fs, path = filesystem(config.run.storage_path)
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        start_ray(address)
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     low, high = s.worker_range
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "resume_from": resume_from},
+        train_loop_config={"config": config.model_dump(mode="json"), "resume_from": resume_from,
+                           "allow_config_change": allow_config_change, "holder": holder},
         torch_config=_preemptible_torch_config("nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=low if low == high else (low, high), use_gpu=s.use_gpu, resources_per_worker=resources,
@@ -497,6 +591,7 @@ def fit(
                 preemption_grace_s=config.run.preemption_grace_s,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
     )
     result = trainer.fit()

@@ -9,6 +9,22 @@ from dataclasses import dataclass
 
 import pytest
 
+# Ray clusters the tests start (local ones, Cluster nodes, job drivers in subprocesses) inherit
+# these. Ray's defaults declare a node dead when its raylet misses 5 health checks 3 s apart
+# (10 s timeout each): a 2-core CI machine under load can stall a raylet that long, and the
+# node's actors (Ray Train's controller, then its workers: the placement-group cleaner removes
+# them) die with it. Here a node has about 5 minutes to answer. What the tests kill is seen
+# without these timeouts: a node removed by Cluster.remove_node unregisters itself, and a killed
+# worker process is noticed by its raylet at once. Not retries: a test that fails still fails.
+for _name, _value in {
+    "RAY_health_check_period_ms": "10000",
+    "RAY_health_check_timeout_ms": "60000",
+    "RAY_health_check_failure_threshold": "30",
+    "RAY_worker_register_timeout_seconds": "300",
+    "RAY_gcs_rpc_server_reconnect_timeout_s": "300",
+}.items():
+    os.environ.setdefault(_name, _value)
+
 
 # --------------------------------------------------------------------------- s3 (moto server)
 

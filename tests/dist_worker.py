@@ -33,13 +33,14 @@ def dataset() -> MemorySource:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(24).repeat_interleave(6)
     images = torch.randn(labels.numel(), 12, generator=g) + 0.3 * torch.randn(24, 12, generator=g)[labels]
-    return MemorySource(images, labels)
+    # float64: W workers against one process is an exactness claim (see tests/reference.EXACT)
+    return MemorySource(images.double(), labels)
 
 
 def train(mode: str, simix: bool, steps: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Initial and final parameters after ``steps`` SGD steps on the global batches."""
     torch.manual_seed(0)
-    model = MLP()
+    model = MLP().double()
     initial = [p.detach().clone() for p in model.parameters()]
     data = dataset()
     sampler = ClassBalancedSampler(data.labels, BATCH, samples_per_class=4, seed=1)

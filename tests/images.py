@@ -28,3 +28,13 @@ class KillsItsDecoder:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StopsItsDecoder:
+    """An augmentation whose decoder process stops itself (SIGSTOP), as a stopped or stuck one would hang."""
+
+    def __call__(self, raw: bytes, sample: int, key: int) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP)

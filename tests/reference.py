@@ -127,3 +127,13 @@ def naive_multi_similarity(
         per_anchor.append(pos_term + neg_term)
     return sum(per_anchor) / len(per_anchor)
 
+
+# The tolerance of the equivalence tests (float64). W workers and one process (or a resume)
+# differ only in the order of sums: the gradient's all-reduce over W shares, and the loss's sums
+# split across workers. A reordered sum of n terms moves by at most n * eps * sum|terms|; over
+# the steps of a job SGD carries such differences on, amplified by the step's Jacobian. On an AMD
+# EPYC the float32 run of test_ray_train's 2-worker job ended 5.95e-6 apart after 4 steps, about
+# 50 float32 eps (1.2e-7). The same arithmetic in float64 scales that by eps64 / eps32 = 2^-29:
+# about 1.1e-14. 1e-9 leaves five orders of magnitude for other CPUs' orderings and is still six
+# below what one wrong step moves a weight (lr * |g|, about 1e-3).
+EXACT = 1e-9

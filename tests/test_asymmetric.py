@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from rsk_dist.losses import recall
 from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, Regression, recall_at_k_surrogate
 from tests.reference import naive_asymmetric_rsk, naive_contrastive, naive_simix
-from tests.test_loss import LABELS, batch
+from tests.test_loss import LABELS, batch, grads
 
 
 def teacher_of(student: torch.Tensor, seed: int = 3, noise: float = 0.3) -> torch.Tensor:
@@ -23,13 +23,6 @@ def reference(student, teacher, simix, self_positive, seed=5, **kw):
     else:
         labels = LABELS
     return naive_asymmetric_rsk(student, teacher, labels, self_positive=self_positive, **kw)
-
-
-def grads(fn, emb):
-    emb = emb.clone().requires_grad_()
-    value = fn(emb)
-    (grad,) = torch.autograd.grad(value, emb)
-    return value.detach(), grad
 
 
 @pytest.mark.parametrize("self_positive", [True, False])

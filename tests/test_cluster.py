@@ -3,6 +3,8 @@ manifests' structure and security (token auth from a Secret, no public dashboard
 secrets), the compose stack and the Dockerfile, and the local multi-node cluster script."""
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import re
@@ -16,11 +18,14 @@ import pytest
 import yaml
 
 from tests.conftest import free_ports
+from tests.console_lines import console_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 DOCKER = ROOT / "docker"
 LOCAL_SCRIPT = CLUSTER / "local-cluster.sh"
+# KubeRay's CRDs, beside the checkout (../shared/kuberay; RSK_KUBERAY names another place)
+KUBERAY = Path(os.environ.get("RSK_KUBERAY", ROOT.parent / "shared" / "kuberay"))
 
 # Names whose values are secrets: they may only come from a reference, never a literal.
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
@@ -167,6 +172,59 @@ def test_kuberay_manifest(name, kind):
         assert node.get("type") not in ("LoadBalancer", "NodePort"), where
 
 
+def _strict(schema):
+    """A CRD's OpenAPI schema as the API server's strict field validation applies it: an object
+    that lists its properties admits no other, unless it preserves unknown fields."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_schema(kind: str) -> dict:
+    """The strict ray.io/v1 schema of ``kind`` from KubeRay's CRD in ../shared/kuberay/."""
+    crd = yaml.safe_load((KUBERAY / f"ray.io_{kind.lower()}s.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def _schema_errors(doc: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(_crd_schema(doc["kind"]))
+    return [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifest_matches_the_crd_schema(name):
+    """Every RayCluster and RayJob in cluster/kuberay/ is valid under KubeRay's own CRD schema,
+    strictly: a misspelt field anywhere, in our spec or in a pod template, fails."""
+    docs = [d for d in _docs(CLUSTER / "kuberay" / name) if d["kind"] in ("RayCluster", "RayJob")]
+    assert docs
+    for doc in docs:
+        assert _schema_errors(doc) == [], name
+        spec = _ray_specs(doc)
+        for path, misspelt in (
+            (spec["headGroupSpec"], "rayStartParam"),  # rayStartParams
+            (spec["headGroupSpec"]["template"]["spec"]["containers"][0], "imagePullPolicyy"),
+            (doc["spec"], "entrypointt" if doc["kind"] == "RayJob" else "enableInTreeAutoscalingg"),
+        ):
+            path[misspelt] = "x"
+            errors = _schema_errors(doc)
+            del path[misspelt]
+            assert any(misspelt in e for e in errors), (misspelt, errors)
+        bad = copy.deepcopy(doc)
+        _ray_specs(bad)["workerGroupSpecs"][0]["replicas"] = "two"
+        assert any("replicas" in e for e in _schema_errors(bad))
+
+
 def test_rayjob_runs_rsk_dist_train_on_a_valid_config():
     docs = _docs(CLUSTER / "kuberay" / "rayjob.yaml")
     (job,) = [d for d in docs if d["kind"] == "RayJob"]
@@ -274,17 +332,20 @@ def _processes_naming(marker: str) -> list[int]:
 
 
 @pytest.mark.skipif(bool(os.environ.get("RSK_DIST_SKIP_RAY_JOBS")), reason="RSK_DIST_SKIP_RAY_JOBS is set")
-def test_local_cluster_starts_two_nodes_and_stops_clean():
-    """A head and one worker node on the loopback address 127.0.0.2 (~20-40 s on 2 cores), then
-    `stop`: nothing of it is left running."""
+def test_local_cluster_runs_the_readme_example_and_stops_clean():
+    """A head and one worker node on the loopback address 127.0.0.2; the README's example, a
+    two-worker quickstart submitted to it, prints each progress and eval line once with no
+    traceback or error-level line, and keeps its checkpoints in ./runs; then `stop`: nothing of
+    the cluster is left running, and the checkpoints are still there."""
     directory = tempfile.mkdtemp(prefix="rsk-lc-", dir="/tmp")
+    workdir = Path(tempfile.mkdtemp(prefix="rsk-lc-job-"))  # the user's directory: ./runs lands here
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     gcs, dash, client, agent = free_ports(4)
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         RAY=str(Path(sys.executable).parent / "ray"), PYTHON=sys.executable,
         RSK_CLUSTER_DIR=directory, RSK_GCS_PORT=str(gcs), RSK_DASHBOARD_PORT=str(dash),
-        RSK_CLIENT_PORT=str(client), RSK_AGENT_PORT=str(agent), RSK_DASHBOARD="0",
+        RSK_CLIENT_PORT=str(client), RSK_AGENT_PORT=str(agent),
         HOME=directory,  # a token generated for this cluster, not the user's ~/.ray/auth_token
     )
     script = ["bash", str(LOCAL_SCRIPT)]
@@ -306,9 +367,24 @@ def test_local_cluster_starts_two_nodes_and_stops_clean():
         lines = out.stdout.strip().splitlines()
         assert lines[-2] == "2 ['127.0.0.2', '127.0.0.2']", out.stdout
         assert lines[-1] == "['node_0', 'node_1']", out.stdout
+
+        # The README's example, shortened: 1 epoch of 4 steps, a progress line every 2, one eval.
+        submit = subprocess.run(
+            ["rsk-dist", "submit", str(ROOT / "jobs" / "quickstart.yaml"), "--set", "scaling.num_workers=2",
+             "--set", "train.epochs=1", "--set", "train.steps_per_epoch=4", "--set", "train.log_every=2",
+             "--address", f"http://127.0.0.1:{dash}"],
+            env=probe_env, cwd=workdir, capture_output=True, text=True, timeout=600,
+        )
+        console = submit.stdout + submit.stderr
+        assert submit.returncode == 0, console[-6000:]
+        assert console_problems(console, progress_lines=2 + 1) == [], console
+        assert f"read on the cluster's nodes as file://{workdir}/runs" in submit.stderr, submit.stderr
     finally:
         stopped = subprocess.run([*script, "stop"], env=env, capture_output=True, text=True, timeout=120)
         leftovers = _processes_naming(directory)
         shutil.rmtree(directory, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stderr
     assert leftovers == [], f"processes left running: {leftovers}"
+    kept = sorted(p.name for p in (workdir / "runs" / "quickstart").iterdir())
+    shutil.rmtree(workdir, ignore_errors=True)
+    assert "checkpoint_epoch_00001" in kept and "best" in kept, kept

@@ -240,7 +240,7 @@ def test_build_submission_carries_no_secrets(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     config = load_config(ROOT / "jobs" / "quickstart.yaml", ["train.epochs=1"])
     entrypoint, env = cli.build_submission(config, ["train.epochs=1"], tmp_path)
-    assert entrypoint == "python -m rsk_dist.cli train job.yaml --set train.epochs=1"
+    assert entrypoint == "python -m rsk_dist.cli train job.yaml --address auto --set train.epochs=1"
     assert "env_vars" not in env
     assert env["working_dir"] == str(tmp_path) and Path(env["py_modules"][0]).name == "rsk_dist"
     assert load_config(tmp_path / "job.yaml") == config
@@ -378,7 +378,7 @@ def test_cli_ingest_of_a_folder_tree(capsys, tmp_path):
     target = f"file://{tmp_path}/ds"
     assert main(["ingest", str(tmp_path / "src"), target, "--layout", "folders"]) == 0
     assert "num_images: 6" in capsys.readouterr().out
-    assert (tmp_path / "ds" / "index.parquet").exists() and (tmp_path / "ds" / "_SUCCESS").exists()
+    assert list((tmp_path / "ds").glob("shards/*/index.parquet")) and (tmp_path / "ds" / "_SUCCESS").exists()
 
 
 def test_cli_export_index_without_faiss_is_clean(capsys, monkeypatch):
@@ -395,3 +395,48 @@ def test_overrides_leave_the_callers_dict_alone():
     before = yaml.safe_dump(tree)
     assert load_config(tree, ["sampler.seed=7"]).sampler.seed == 7
     assert yaml.safe_dump(tree) == before
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """A small ingested dataset (3 classes of 4 images, split train) on local files."""
+    from rsk_dist.ingest import ingest
+    from tests.test_shards import make_folders
+
+    root = tmp_path_factory.mktemp("shards")
+    make_folders(root / "src", classes=3)
+    ingest(str(root / "src"), str(root / "ds"), "folders")
+    return str(root / "ds")
+
+
+ON_SHARDS = ["sampler.batch_size=8", "data.eval=null", "model.in_channels=3"]
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["sampler.seed=-1"], "sampler.seed"),
+    (["sampler.seed=100000000000000000000000"], "sampler.seed"),  # 1e23 as an integer
+    (["train.eval_k=[0]"], "train.eval_k"),
+    (["train.eval_k=[-3]"], "train.eval_k"),
+    (["sampler.batch_size=100000000000000000000"], "sampler.batch_size"),  # 1e20
+    (["optim.lr=.inf"], "optim.lr"),
+    (["loss.tau2=1.0e-300"], "loss.tau2"),
+    (["sampler.batch_size=44"], "sampler.batch_size"),  # digits: 11 classes of 4 wanted, 10 there
+    (["data.train={kind: zip, url: /no/such/images.zip}"], "data.train.url"),
+    (["data.train={kind: shards, url: SHARDS, split: train, exclude_classes: [class0, class1, class2]}", *ON_SHARDS],
+     "data.train.exclude_classes"),
+    (["data.train={kind: shards, url: SHARDS, split: validation}", *ON_SHARDS], "data.train: split 'validation'"),
+    (["data.train={kind: shards, url: SHARDS_MISSING, split: train}", *ON_SHARDS], "data.train"),
+    (["data.train={kind: shards, url: SHARDS, split: train}", "sampler.batch_size=16", "data.eval=null"],
+     "sampler.batch_size"),  # 4 classes of 4 wanted, 3 there
+])
+def test_validate_refuses_what_workers_would_fail_on_naming_the_field(capsys, shards, overrides, field):
+    """Issue 23, finding 10: each of these passed validate and failed inside the workers."""
+    overrides = [o.replace("SHARDS_MISSING", shards + "-missing").replace("SHARDS", shards) for o in overrides]
+    assert main(["validate", str(ROOT / "jobs" / "quickstart.yaml"), *sum((["--set", o] for o in overrides), [])]) == 2
+    out, err = capsys.readouterr()
+    assert field in err and "Traceback" not in err and out == "", err
+
+
+def test_float64_with_a_teacher_is_refused():
+    with pytest.raises(ConfigError, match="model.dtype float64 .* not supported with a teacher"):
+        load_config(_tree(model__dtype="float64", loss__asymmetric=True, teacher__checkpoint="/x/ckpt"))

@@ -3,6 +3,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.dist_worker import CONFIGS, run_refusal_worker, run_worker, train
+from tests.reference import EXACT
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def test_workers_match_one_process_on_the_global_batch(world, single_process, tm
         for rank in range(world):
             got = torch.load(tmp_path / f"rank{rank}_{mode}_{simix}.pt", weights_only=True)
             for e, g in zip(expected, got):
-                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(),
+                torch.testing.assert_close(g, e, rtol=EXACT, atol=EXACT * e.abs().max().item(),
                                            msg=lambda m: f"W={world} {mode} simix={simix} rank {rank}: {m}")
 
 

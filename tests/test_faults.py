@@ -20,6 +20,7 @@ from rsk_dist.config import load_config  # noqa: E402
 from rsk_dist.ingest import ingest  # noqa: E402
 from rsk_dist.storage import StorageError, filesystem, join  # noqa: E402
 from rsk_dist.train import evaluate_checkpoint, fit  # noqa: E402
+from tests.reference import EXACT  # noqa: E402
 
 # RSK_OMNIGLOT: where the zips are when the checkout is not beside shared/ (a git worktree)
 OMNIGLOT = Path(os.environ.get("RSK_OMNIGLOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"))
@@ -48,7 +49,8 @@ def local_ray(s3):
 def config(storage: str, name: str, train_url: str, test_url: str | None = None, **run):
     tree = {
         "data": {"train": {"kind": "shards", "url": train_url, "split": "train"}, "image_size": 20},
-        "model": {"in_channels": 1, "dim": 32},
+        # float64: resumed and uninterrupted runs must agree exactly (see tests/reference.EXACT)
+        "model": {"in_channels": 1, "dim": 32, "dtype": "float64"},
         "loss": {"k": [1, 2, 4], "tau2": 0.003, "simix": True},
         "sampler": {"batch_size": 32, "seed": 5},
         # SGD: linear in the gradient, so resumed and uninterrupted runs agree to float rounding.
@@ -64,7 +66,7 @@ def config(storage: str, name: str, train_url: str, test_url: str | None = None,
 
 def assert_same_model(a: dict, b: dict) -> None:
     for name, value in a["model"].items():
-        torch.testing.assert_close(b["model"][name], value, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b["model"][name], value, rtol=EXACT, atol=EXACT, msg=lambda m: f"{name}: {m}")
 
 
 def wait_for(path_url: str, timeout: float = 300) -> None:

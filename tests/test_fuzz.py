@@ -161,7 +161,8 @@ def parquet(table: pa.Table) -> bytes:
 
 
 def manifest_for(index: bytes, shards: dict[str, bytes], changes: dict[str, Any] | None = None) -> bytes:
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": FINGERPRINT,
+    # Format version 1 (the index at the root), which readers still accept.
+    manifest = {"format": FORMAT, "version": 1, "fingerprint": FINGERPRINT,
                 "index": {"path": INDEX, "sha256": sha256(index)},
                 "shards": {n: {"size": len(d)} for n, d in shards.items()}}
     return json.dumps({**manifest, **(changes or {})}).encode()

@@ -11,7 +11,7 @@ import pytest
 
 from tests.images import OMNIGLOT_ZIP, image_bytes  # noqa: E402
 from rsk_dist.ingest import IngestError, ingest  # noqa: E402
-from rsk_dist.storage import INDEX, MARKER, PROGRESS, StorageError, open_dataset, preflight, version_dir  # noqa: E402
+from rsk_dist.storage import INDEX, MARKER, PROGRESS, StorageError, index_path, open_dataset, preflight, version_dir  # noqa: E402
 
 
 def put(path: Path, data: bytes | str) -> Path:
@@ -282,8 +282,9 @@ def test_interrupted_ingest_is_rejected_then_completed_by_a_rerun(tmp_path):
     assert first_shard.stat().st_mtime_ns == stamp
     manifest = preflight(str(out), need_index=True)
     assert manifest["num_samples"] == 16 and not (out / PROGRESS).exists()
-    assert json.loads((out / MARKER).read_text())["index"]["sha256"]
-    assert (out / INDEX).exists()
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["index"]["sha256"] and marker["index"]["path"] == index_path(result.fingerprint)
+    assert (out / index_path(result.fingerprint)).exists() and not (out / INDEX).exists()
 
 
 def test_omniglot_zip_to_s3_is_idempotent(s3):
@@ -358,8 +359,10 @@ def test_overwrite_while_reading_keeps_the_old_version_consistent(tmp_path):
     assert gc_dataset(out, keep_last=1) == [version_dir(first.fingerprint)]
     assert not (tmp_path / "out" / version_dir(first.fingerprint)).exists()
     assert fresh.read_bytes(everything) == [(src / sid).read_bytes() for sid in fresh.sample_ids]
-    with pytest.raises(ShardReadError, match="is missing"):
+    with pytest.raises(ShardReadError, match="is missing") as err:
         reader.read_bytes(everything)  # what gc's docstring warns of: run it once old jobs ended
+    # The fix is to restart the job on the current version, not to re-ingest (issue 23, 11).
+    assert "restart the job" in str(err.value) and "re-run the ingest" not in str(err.value)
     with pytest.raises(IngestError, match="keep_last must be at least 1"):
         gc_dataset(out, keep_last=0)
 

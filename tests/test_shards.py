@@ -328,7 +328,8 @@ def test_prefetch_of_six_steps_serves_every_step_after_the_first_across_epochs(t
 
 SHARED_CACHE_READER = """
 import sys, time, torch
-from rsk_dist.data.shards import ShardSource, cached_shards
+from rsk_dist.data.cache import cached_shards
+from rsk_dist.data.shards import ShardSource
 src = ShardSource(sys.argv[1], None, image_size=16, train=False, cache_dir=sys.argv[2])
 src(torch.arange(len(src)))
 deadline = time.time() + 60
@@ -361,7 +362,7 @@ def test_two_processes_on_a_node_download_each_shard_once(s3, tmp_path):
 
 
 def test_eviction_keeps_the_cache_under_its_limit(s3, tmp_path):
-    from rsk_dist.data.shards import cached_shards
+    from rsk_dist.data.cache import cached_shards
 
     make_folders(tmp_path / "src", classes=4)
     url = s3.url()

@@ -24,6 +24,7 @@ from rsk_dist.storage import (  # noqa: E402
     filesystem,
     preflight,
     redact,
+    sha256,
     storage_options,
 )
 
@@ -171,7 +172,7 @@ def test_preflight_no_credentials(s3, monkeypatch):
 def _write_dataset(url: str, table, shards: dict[str, bytes], marker: dict | None = None) -> None:
     import pyarrow.parquet as pq
 
-    from rsk_dist.storage import FORMAT, FORMAT_VERSION, sha256
+    from rsk_dist.storage import FORMAT, sha256
 
     fs, root = filesystem(url)
     for name, data in shards.items():
@@ -179,7 +180,8 @@ def _write_dataset(url: str, table, shards: dict[str, bytes], marker: dict | Non
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write(fs, f"{root}/{INDEX}", buf.getvalue())
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": FINGERPRINT, "index": {"sha256": sha256(buf.getvalue())}}
+    # Format version 1 (the index at the root): still read.
+    manifest = {"format": FORMAT, "version": 1, "fingerprint": FINGERPRINT, "index": {"sha256": sha256(buf.getvalue())}}
     atomic_write(fs, f"{root}/{MARKER}", json.dumps(marker or manifest).encode())
 
 
@@ -251,6 +253,9 @@ def test_preflight_not_a_parquet_index(tmp_path):
     url = str(tmp_path / "ds")
     _write_dataset(url, _table(), {"shards/shard-00000.bin": b"1234", "shards/shard-00001.bin": b"5678"})
     (tmp_path / "ds" / INDEX).write_bytes(b"not parquet at all")
+    manifest = json.loads((tmp_path / "ds" / MARKER).read_text())
+    manifest["index"]["sha256"] = sha256(b"not parquet at all")  # written by the same hand
+    (tmp_path / "ds" / MARKER).write_text(json.dumps(manifest))
     with pytest.raises(StorageError, match="malformed index.*not a readable parquet file"):
         preflight(url, need_index=True)
 

@@ -179,9 +179,10 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_submit_status_logs_until_recall(head, capsys):
+def test_submit_status_logs_until_recall(head, capsys, tmp_path):
     """The whole path of a submission, on a head whose PATH has no rsk-dist console script."""
-    code, out, err = _run(capsys, "submit", str(QUICKSTART), *TINY, "--address", head.address, "--no-wait")
+    code, out, err = _run(capsys, "submit", str(QUICKSTART), *TINY, "--set", f"run.storage_path={tmp_path}",
+                          "--address", head.address, "--no-wait")
     assert code == 0, err
     job_id = out.strip()
     assert job_id and "\n" not in job_id, out
@@ -234,17 +235,34 @@ def test_unknown_job_is_a_clean_error(head, capsys):
         assert err.startswith(f"rsk-dist {command}: error:") and "Traceback" not in err
 
 
+def test_local_paths_are_refused_for_a_remote_cluster(capsys):
+    """jobs/omniglot.yaml reads its zips by relative path: on another machine's nodes they would
+    resolve in the job's working dir and fail there. Refused before any request is made (the
+    TEST-NET address would not answer)."""
+    code, out, err = _run(capsys, "submit", str(ROOT / "jobs" / "omniglot.yaml"), "--address", "http://192.0.2.1:8265")
+    assert code == 2 and out == "", err
+    assert "data.train.url '../shared/data/omniglot/images_background_small1.zip'" in err, err
+    assert "data.eval.url" in err and "run.storage_path" in err and "--shared-fs" in err and "rsk-dist ingest" in err
+    assert "Traceback" not in err
+
+
 def test_unreachable_server_is_a_clean_error(capsys):
     (port,) = free_ports(1)
     code, out, err = _run(capsys, "status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}")
     assert code == 1 and "cannot use the Ray job server" in err
 
 
-def test_submit_then_stop(head, capsys):
+def test_submit_then_stop(head, capsys, tmp_path):
     code, out, err = _run(capsys, "submit", str(QUICKSTART), "--set", "train.epochs=50",
-                          "--address", head.address, "--no-wait")
+                          "--set", f"run.storage_path={tmp_path}", "--address", head.address, "--no-wait")
     assert code == 0, err
     job_id = out.strip()
+    deadline = time.monotonic() + JOB_TIMEOUT_S  # stopped while it trains: its driver gets SIGTERM
+    logs = ""
+    while "[rsk-dist] epoch" not in logs and time.monotonic() < deadline:
+        time.sleep(2)
+        _, logs, _ = _run(capsys, "logs", job_id, "--address", head.address)
+    assert "[rsk-dist] epoch" in logs, logs[-4000:]
     code, out, err = _run(capsys, "stop", job_id, "--address", head.address)
     assert code == 0, err
     deadline = time.monotonic() + 60
@@ -254,6 +272,9 @@ def test_submit_then_stop(head, capsys):
             break
         time.sleep(1)
     assert out.strip() == "STOPPED"
+    _, logs, _ = _run(capsys, "logs", job_id, "--address", head.address)
+    assert "rsk-dist: stopped by SIGTERM" in logs, logs[-4000:]
+    assert "SIGTERM received" not in logs and "Traceback" not in logs, logs[-4000:]
 
 
 def test_token_auth_header(head, capsys, monkeypatch, tmp_path):

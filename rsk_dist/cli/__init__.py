@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from rsk_dist.config import ConfigError
+    from rsk_dist.console import Terminated
 
     try:
         return int(args.func(args) or 0)
@@ -71,3 +72,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rsk-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # its handler has said so
+        return 143

@@ -41,7 +41,7 @@ def _auth_headers(address: str | None = None) -> dict[str, str]:
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if not token:
         path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-        if not path and address and re.match(r"^(https?://)?(127\.|localhost[:/]|localhost$|\[::1\])", address):
+        if not path and address and _on_this_machine(address):
             path = str(Path.home() / ".ray" / "auth_token")
         if path and Path(path).is_file():
             token = Path(path).read_text().strip()
@@ -50,6 +50,11 @@ def _auth_headers(address: str | None = None) -> dict[str, str]:
     if token.lower().startswith("bearer "):
         token = token[7:].strip()
     return {"Authorization": f"Bearer {token}"}
+
+
+def _on_this_machine(address: str) -> bool:
+    """Whether a cluster address is a loopback one: the cluster runs on this machine."""
+    return re.match(r"^(https?://)?(127\.|localhost[:/]|localhost$|\[::1\])", address) is not None
 
 
 def _address(args: argparse.Namespace) -> str:
@@ -95,9 +100,11 @@ def _job_call(fn, *a, **kw):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from rsk_dist.config import dump_config
+    from rsk_dist.config import absolutize_paths, dump_config
+    from rsk_dist.prestart import check_data
 
     config = load(args.config, args.set)
+    check_data(absolutize_paths(config))  # what train checks before any worker starts
     sys.stdout.write(dump_config(config))
     low, high = config.scaling.worker_range
     batch = config.sampler.batch_size
@@ -110,8 +117,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def finished_run(config) -> str | None:
+    """The latest checkpoint of the config's run when it has trained all ``train.epochs``."""
+    from rsk_dist.checkpoint import latest_checkpoint
+    from rsk_dist.storage import join
+
+    latest = latest_checkpoint(join(config.run.storage_path, config.run.name))
+    done = re.fullmatch(r"checkpoint_epoch_(\d+)", latest.rstrip("/").rsplit("/", 1)[-1]) if latest else None
+    return latest if done and int(done.group(1)) >= config.train.epochs else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    config = load(args.config, args.set)
+    from rsk_dist.config import absolutize_paths
+
+    config = absolutize_paths(load(args.config, args.set))
+    latest = finished_run(config)
+    if latest is not None:
+        run = f"{config.run.storage_path.rstrip('/')}/{config.run.name}"
+        print(redact(
+            f"run {config.run.name} has already finished: its {config.train.epochs} epoch(s) are done, nothing "
+            f"to train.\nResults in {run}/: best/ (the best model by Recall@1), training.png, tensorboard/, and "
+            f"the last checkpoint {latest}.\nTo train further: more epochs of this run with --set "
+            f"train.epochs=N (N > {config.train.epochs}), or a new run with --set run.name=NEW_NAME."
+        ))
+        return 0
+    from rsk_dist.console import quiet_driver
+
+    quiet_driver()
     from rsk_dist.train import fit
 
     started = time.perf_counter()
@@ -131,7 +163,8 @@ def build_submission(config, overrides: Sequence[str], workdir: Path) -> tuple[s
 
     (workdir / CONFIG_NAME).write_text(dump_config(config))
     # The module, not the rsk-dist console script: py_modules ships the package but no scripts.
-    parts = ["python", "-m", "rsk_dist.cli", "train", CONFIG_NAME]
+    # --address auto: the cluster the job runs on (its driver's RAY_ADDRESS), not a new instance.
+    parts = ["python", "-m", "rsk_dist.cli", "train", CONFIG_NAME, "--address", "auto"]
     for item in overrides:  # already applied to job.yaml; repeated so the job listing shows them
         parts += ["--set", item]
     entrypoint = " ".join(shlex.quote(p) for p in parts)
@@ -141,6 +174,40 @@ def build_submission(config, overrides: Sequence[str], workdir: Path) -> tuple[s
         "excludes": ["__pycache__", "*.pyc"],
     }
     return entrypoint, runtime_env
+
+
+def _local_paths(config) -> list[tuple[str, str]]:
+    """(field, value) of every data and storage location in ``config`` that is a path on this
+    machine (relative, absolute or ``file://``) rather than a URL every node can open."""
+    fields = [(f"data.{name}.url", spec.url) for name in ("train", "eval")
+              if (spec := getattr(config.data, name)) is not None and spec.url]
+    fields += [("run.storage_path", config.run.storage_path), ("run.resume_from", config.run.resume_from)]
+    return [(f, v) for f, v in fields if v and ("://" not in v or v.startswith("file://"))]
+
+
+def _paths_for_cluster(config, address: str, shared_fs: bool):
+    """The config as the cluster's nodes must read it: its local paths made absolute when the
+    nodes see this machine's files (a cluster on this machine, or ``--shared-fs``); otherwise
+    a :class:`CLIError` naming each path that no node could read."""
+    from rsk_dist.config import absolutize_paths
+
+    local = _local_paths(config)
+    if not local:
+        return config
+    if shared_fs or _on_this_machine(address):
+        absolute = absolutize_paths(config)
+        for (field, before), (_, after) in zip(local, _local_paths(absolute)):
+            if after != before:
+                print(redact(f"{field}: {before} is read on the cluster's nodes as {after}"), file=sys.stderr)
+        return absolute
+    listed = "; ".join(f"{field} {value!r}" for field, value in local)
+    raise CLIError(
+        f"{listed}: a path on this machine, which the nodes of the cluster at {address} cannot read "
+        "(a relative one would even resolve in the job's temporary working dir, deleted with it). "
+        "Put data in object storage (rsk-dist ingest SOURCE s3://BUCKET/NAME --layout ..., then "
+        "data.train.url: s3://BUCKET/NAME) and checkpoints too (--set run.storage_path=s3://BUCKET/runs); "
+        "or, if every node mounts these paths where this machine does, pass --shared-fs"
+    )
 
 
 def _wait(client, job_id: str, follow_logs: bool) -> str:
@@ -171,12 +238,7 @@ def _follow(client, job_id: str) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     config = load(args.config, overrides)  # a bad config stops here: nothing is submitted
-    if config.run.storage_path.startswith("file://") or "://" not in config.run.storage_path:
-        print(
-            f"warning: run.storage_path {config.run.storage_path!r} is a path on the cluster's "
-            "nodes (relative ones land in the job's working dir); use s3://... to keep checkpoints",
-            file=sys.stderr,
-        )
+    config = _paths_for_cluster(config, _address(args), args.shared_fs)
     client = _client(args)
     with tempfile.TemporaryDirectory(prefix="rsk-dist-submit-") as tmp:
         entrypoint, runtime_env = build_submission(config, overrides, Path(tmp))
@@ -230,9 +292,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     with_config(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("train", help="run a training job (a local Ray instance without --address)")
+    p = sub.add_parser(
+        "train", help="run a training job here (a Ray instance of its own without --address)",
+        description="Run a training job from this process. Without --address it starts a Ray instance of its "
+                    "own, stopped when the job ends: never one that another process started ($RAY_ADDRESS, the "
+                    "machine's latest `ray start`). Re-running a run resumes it from its latest checkpoint; a "
+                    "finished run (all train.epochs done) says so and trains nothing.",
+    )
     with_config(p)
-    p.add_argument("--address", default=None, type=url_arg, help="Ray cluster address (ray://..., HOST:6379 or 'auto')")
+    p.add_argument("--address", default=None, type=url_arg,
+                   help="join this Ray cluster instead: HOST:6379, ray://HOST:10001, or 'auto' ($RAY_ADDRESS, "
+                        "else the machine's latest `ray start`)")
     p.add_argument("--resume-from", default=None, metavar="URL", type=url_arg,
                    help="checkpoint URL to start a new run from (a run with checkpoints resumes from its own)")
     p.add_argument("--allow-config-change", action="store_true",
@@ -243,6 +313,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     with_config(p)
     with_address(p)
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="the config's local paths (data, run.storage_path) are on a filesystem every node mounts at "
+                        "the same place (default: refused unless the cluster runs on this machine)")
     p.set_defaults(func=cmd_submit)
 
     for name, help_, func in (
@@ -251,7 +324,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ("stop", "stop a submitted job", cmd_stop),
     ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("job_id", metavar="JOB_ID")
+        p.add_argument("job_id", metavar="JOB_ID",
+                       help="the id `submit` printed (raysubmit_...); `ray job list` lists them")
         with_address(p)
         if name == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")

@@ -12,6 +12,12 @@ process that asks for the same number (a training worker's train and evaluation 
 
 A sample's augmentation is drawn from ``(seed, key, sample index)`` alone, so its pixels do not
 depend on which process decodes it, or on how a batch is split into chunks.
+
+Deadline: a decoder process must take each chunk and answer it within ``deadline_s`` (see
+:meth:`Decoder.submit`; a few images take milliseconds). One that does not (stopped by a
+signal, stuck in a decoder library) is killed, the chunk fails with :class:`DecoderDied` and
+the process is started again for the next chunk; the pipes are read and written with the
+deadline, so nothing waits on such a process for ever.
 """
 from __future__ import annotations
 
@@ -20,9 +26,11 @@ import math
 import os
 import pickle
 import queue
+import select
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
@@ -34,6 +42,8 @@ from rsk_dist.preprocess import Preprocess, shorter_side
 # Images per task: enough to make the hand-off over the pipe small against the decoding
 # (8 x 5 ms against well under 1 ms), few enough that a batch spreads over every process.
 CHUNK = 8
+# Seconds a decoder process may take to answer one chunk: minutes, far beyond any real image.
+DECODE_DEADLINE_S = 120.0
 
 
 def load_image(data: bytes | memoryview, in_channels: int, image_size: int, rng: np.random.Generator | None, draft: bool = False) -> Any:
@@ -135,7 +145,33 @@ def decode_chunk(augment: Augment, key: int, items: list[Item]) -> Decoded:
 
 
 class DecoderDied(RuntimeError):
-    """A decoder process ended while decoding (killed by the OS, out of memory)."""
+    """A decoder process ended while decoding (killed by the OS, out of memory), or missed its
+    deadline and was killed."""
+
+
+class _Missed(Exception):
+    """The decoder process did not take or answer a chunk within its deadline."""
+
+
+def _send(fd: int, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
+            raise _Missed
+        view = view[os.write(fd, view):]
+
+
+def _receive(fd: int, size: int, deadline: float) -> bytes:
+    parts, got = [], 0
+    while got < size:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise _Missed
+        part = os.read(fd, min(size - got, 1 << 20))
+        if not part:
+            raise EOFError("the decoder process closed its pipe")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 class Decoder:
@@ -167,12 +203,13 @@ class Decoder:
         """The running decoder processes."""
         return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
-    def submit(self, augment: Augment, key: int, items: list[Item]) -> list[Future]:
-        """Futures of :data:`Decoded`, one per chunk of ``items``."""
+    def submit(self, augment: Augment, key: int, items: list[Item], deadline_s: float = DECODE_DEADLINE_S) -> list[Future]:
+        """Futures of :data:`Decoded`, one per chunk of ``items``; a process that takes more
+        than ``deadline_s`` seconds over a chunk is killed and the chunk fails with DecoderDied."""
         futures = []
         for i in range(0, len(items), CHUNK):
             future: Future = Future()
-            self._tasks.put((future, (augment, key, items[i : i + CHUNK])))
+            self._tasks.put((future, (augment, key, items[i : i + CHUNK]), deadline_s))
             futures.append(future)
         return futures
 
@@ -185,17 +222,19 @@ class Decoder:
     def _start(self) -> subprocess.Popen:
         # The child finds this package where this process does.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        return subprocess.Popen(
-            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=1 << 20
-        )
+        proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
+        # Read and written with deadlines (select): never a blocking call on a stopped process.
+        os.set_blocking(proc.stdin.fileno(), False)  # type: ignore[union-attr]
+        os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        return proc
 
     def _serve(self, slot: int) -> None:
         while (task := self._tasks.get()) is not None:
-            future, work = task
+            future, work, deadline_s = task
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._run(slot, work))
+                future.set_result(self._run(slot, work, deadline_s))
             except BaseException as err:  # noqa: BLE001 - the future carries it to the batch
                 future.set_exception(err)
         proc = self._procs[slot]
@@ -203,18 +242,25 @@ class Decoder:
             proc.stdin.close()  # type: ignore[union-attr]
             proc.wait()
 
-    def _run(self, slot: int, work: tuple) -> Decoded:
+    def _run(self, slot: int, work: tuple, deadline_s: float) -> Decoded:
         proc = self._procs[slot]
         if proc is None or proc.poll() is not None:  # first use, or died while idle: not this chunk's doing
             proc = self._procs[slot] = self._start()
+        deadline = time.monotonic() + deadline_s
         try:
-            pickle.dump(work, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            proc.stdin.flush()  # type: ignore[union-attr]
-            return pickle.load(proc.stdout)  # type: ignore[arg-type]
-        except (OSError, EOFError, pickle.UnpicklingError) as err:
+            _send(proc.stdin.fileno(), pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL), deadline)  # type: ignore[union-attr]
+            size = int.from_bytes(_receive(proc.stdout.fileno(), 8, deadline), "little")  # type: ignore[union-attr]
+            return pickle.loads(_receive(proc.stdout.fileno(), size, deadline))  # type: ignore[union-attr]
+        except (_Missed, OSError, EOFError, pickle.UnpicklingError) as err:
             proc.kill()
             proc.wait()
             self._procs[slot] = None
+            if isinstance(err, _Missed):
+                raise DecoderDied(
+                    f"a decoder process did not answer within {deadline_s:g} s (stopped, or stuck on an "
+                    "image): it was killed and is started again; if this repeats, look for what stops "
+                    "or starves the worker's processes"
+                ) from None
             raise DecoderDied(
                 f"a decoder process ended while decoding a batch ({_ended(proc.returncode)}): give the "
                 "worker more memory, or fewer decoders (data.decoders)"
@@ -234,7 +280,8 @@ def serve(tasks: BinaryIO, results: BinaryIO) -> None:
             augment, key, items = pickle.load(tasks)
         except EOFError:
             return
-        pickle.dump(decode_chunk(augment, key, items), results, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(decode_chunk(augment, key, items), protocol=pickle.HIGHEST_PROTOCOL)
+        results.write(len(data).to_bytes(8, "little") + data)  # framed: the parent reads it with a deadline
         results.flush()
 
 

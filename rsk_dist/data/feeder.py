@@ -27,13 +27,13 @@ Loaded = tuple[Tensor, Tensor, float, "torch.cuda.Event | None"]
 
 class Feeder:
     """``feeder(indices, key)`` is ``source(indices, key)`` with the images on ``device``, in
-    the source's dtype; :meth:`normalize` makes model input of them. ``labels``, ``source``,
-    ``prefetch``, ``mean`` and ``std`` as the source's. ``fetch_s``: seconds the last call's
-    fetching took, wherever and whenever it ran (the source's ``last_fetch_s``; for a source
-    without one, the time its fetching took)."""
+    the source's dtype; :meth:`normalize` makes model input of them (``dtype`` floats).
+    ``labels``, ``source``, ``prefetch``, ``mean`` and ``std`` as the source's. ``fetch_s``:
+    seconds the last call's fetching took, wherever and whenever it ran (the source's
+    ``last_fetch_s``; for a source without one, the time its fetching took)."""
 
-    def __init__(self, source: Any, device: torch.device | str = "cpu") -> None:
-        self.source, self.device = source, torch.device(device)
+    def __init__(self, source: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.source, self.device, self.dtype = source, torch.device(device), dtype
         self.labels: Tensor = source.labels
         self.mean: tuple[float, ...] | None = getattr(source, "mean", None)
         self.std: tuple[float, ...] | None = getattr(source, "std", None)
@@ -49,8 +49,8 @@ class Feeder:
         return self.labels.numel()
 
     def normalize(self, images: Tensor) -> Tensor:
-        """Model input from images of this source: uint8 to floats with its normalisation."""
-        return to_float(images, self.mean, self.std)
+        """Model input from images of this source: uint8 to floats with its normalisation, as ``dtype``."""
+        return to_float(images, self.mean, self.std).to(self.dtype)
 
     def prefetch(self, indices: Tensor, key: int = 0) -> None:
         prefetch = getattr(self.source, "prefetch", None)

@@ -37,6 +37,38 @@ def _class_of(entries: list[str], path: str) -> list[str]:
     return dirs
 
 
+def _open_zip(path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not a readable zip file: {e}") from e
+
+
+def _image_entries(archive: zipfile.ZipFile, path: str) -> tuple[list[str], list[str]]:
+    """The image files of an image-folder zip and the class of each."""
+    entries = [
+        info.filename
+        for info in archive.infolist()
+        if not info.is_dir()
+        and info.filename.lower().endswith(IMAGE_EXTENSIONS)
+        and not info.filename.startswith("__MACOSX/")
+        and not posixpath.basename(info.filename).startswith(".")
+    ]
+    if not entries:
+        raise ValueError(f"{path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return entries, _class_of(entries, path)
+
+
+def image_folder_classes(path: str | os.PathLike) -> list[str]:
+    """The class of each image in an image-folder zip, as :func:`load_image_folder_zip` reads
+    them, from the zip's directory alone (nothing decoded)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image zip not found: {path}")
+    with _open_zip(path) as archive:
+        return _image_entries(archive, path)[1]
+
+
 def load_image_folder_zip(
     path: str | os.PathLike, size: int = 28, invert: bool = True
 ) -> tuple[Tensor, Tensor, list[str]]:
@@ -59,22 +91,9 @@ def load_image_folder_zip(
 
     preprocess = Preprocess(size, 1, "stretch", invert=invert)
 
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not a readable zip file: {e}") from e
+    archive = _open_zip(path)
     with archive:
-        entries = [
-            info.filename
-            for info in archive.infolist()
-            if not info.is_dir()
-            and info.filename.lower().endswith(IMAGE_EXTENSIONS)
-            and not info.filename.startswith("__MACOSX/")
-            and not posixpath.basename(info.filename).startswith(".")
-        ]
-        if not entries:
-            raise ValueError(f"{path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        classes = _class_of(entries, path)
+        entries, classes = _image_entries(archive, path)
         order = sorted(range(len(entries)), key=lambda i: (classes[i], posixpath.basename(entries[i])))
         class_names = sorted(set(classes))
         index = {c: i for i, c in enumerate(class_names)}

@@ -35,26 +35,17 @@ dies (killed by the OS) is replaced and its batch read and decoded again, once; 
 raises :class:`rsk_dist.data.decode.DecoderDied`.
 
 ``cache_dir``: shard objects read from a remote store are also downloaded whole, in the
-background, to ``cache_dir/<dataset fingerprint>/shards/``, and read from there once complete
-(a download is renamed into place only when whole and of the manifest's size). A file lock in
-``cache_dir`` makes the processes of a node download each shard once. ``cache_max_bytes``
-bounds the cached shards of all datasets in ``cache_dir``: the least recently read are removed
-to make room. A shard that fails to download is not tried again by this source; a cache disk
-that is full (or refuses writes) turns caching off with one warning, and reads go on as ranged
-reads from the store.
+background, verified against the manifest's sha256 and read from there once complete; see
+:mod:`rsk_dist.data.cache` (keyed on the dataset's URL and fingerprint together,
+``cache_max_bytes`` bounds it, a full or unwritable cache turns caching off with one warning).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
-import errno
-import fcntl
-import glob
 import logging
 import os
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,11 +56,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rsk_dist.data.decode import Augment, Decoder, DecoderDied, Undecodable
+from rsk_dist.data.cache import NodeCache
+from rsk_dist.data.decode import DECODE_DEADLINE_S, Augment, Decoder, DecoderDied, Undecodable
 from rsk_dist.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rsk_dist.storage import StorageError, explain_error, filesystem, is_local, join, open_dataset, redact
 
 log = logging.getLogger(__name__)
+
+# Seconds all the ranged reads of one batch may take together: minutes. botocore's own
+# timeouts are per attempt and per socket read, so a hung store took 16 x 60 s to fail and one
+# that trickles a byte every 20 s never did.
+READ_DEADLINE_S = 300.0
 
 
 class BadSampleError(ValueError):
@@ -77,47 +74,11 @@ class BadSampleError(ValueError):
 
 
 class ShardReadError(OSError):
-    """A shard object that is missing, short or unreadable."""
+    """A shard object that is missing, short or unreadable, or reads past their deadline."""
 
 
-# A local write error that means the cache's disk cannot take more, not that one shard failed.
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
-
-
-@contextlib.contextmanager
-def node_lock(directory: str) -> Iterator[None]:
-    """An exclusive lock held by one process of the node at a time (``directory/.lock``)."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def cached_shards(cache_dir: str) -> list[str]:
-    """The complete shard files in ``cache_dir``, of every dataset (downloads in progress excluded)."""
-    # Shards sit in shards/ itself (flat datasets) or in its content-version folders.
-    pattern = os.path.join(glob.escape(cache_dir), "*", "shards", "**")
-    return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and ".tmp-" not in p]
-
-
-def evict(cache_dir: str, limit: int, need: int) -> None:
-    """Removes least recently read shards of ``cache_dir`` until ``need`` more bytes fit under
-    ``limit`` (a read sets a file's mtime: see :meth:`ShardSource._read_cached`)."""
-    files = []
-    for path in cached_shards(cache_dir):
-        with contextlib.suppress(FileNotFoundError):
-            st = os.stat(path)
-            files.append((st.st_mtime, st.st_size, path))
-    total = sum(size for _, size, _ in files)
-    for _, size, path in sorted(files):
-        if total + need <= limit:
-            break
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        total -= size
+class _Overdue(Exception):
+    """A batch's reads did not finish within ``read_deadline_s``."""
 
 
 # --------------------------------------------------------------------------- the source
@@ -178,6 +139,8 @@ class ShardSource:
         max_pending: int = 3,
         cache_max_bytes: int | None = None,
         draft: bool = False,
+        read_deadline_s: float = READ_DEADLINE_S,
+        decode_deadline_s: float = DECODE_DEADLINE_S,
     ) -> None:
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {in_channels}")
@@ -188,6 +151,8 @@ class ShardSource:
             raise ValueError("image_size, read_concurrency, decoders and max_pending must be positive")
         if seed < 0 or merge_gap < 0 or (cache_max_bytes is not None and cache_max_bytes < 0):
             raise ValueError("seed, merge_gap and cache_max_bytes must be >= 0")
+        if not read_deadline_s > 0 or not decode_deadline_s > 0:
+            raise ValueError("read_deadline_s and decode_deadline_s must be positive")
         normalize = normalize or ("imagenet" if in_channels == 3 else "unit")
         if normalize not in ("unit", "imagenet") or (normalize == "imagenet" and in_channels != 3):
             raise ValueError(f"normalize must be 'unit', or 'imagenet' with 3 channels, got {normalize!r}")
@@ -196,6 +161,7 @@ class ShardSource:
         self.cache_dir, self.cache_max_bytes, self.normalize = cache_dir, cache_max_bytes, normalize
         self.merge_gap, self.read_concurrency, self.decoders = merge_gap, read_concurrency, decoders
         self.max_pending, self.draft = max_pending, draft
+        self.read_deadline_s, self.decode_deadline_s = read_deadline_s, decode_deadline_s
         self.pin_memory = False
         # The float conversion the consumer applies on its device: (x / 255 - mean) / std.
         self.mean = IMAGENET_MEAN if normalize == "imagenet" else None
@@ -249,14 +215,15 @@ class ShardSource:
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
         self._read_pool: ThreadPoolExecutor | None = None
-        self._cache_pool: ThreadPoolExecutor | None = None
         self._pending: collections.OrderedDict[tuple[int, ...], _Pending] = collections.OrderedDict()
-        self._cache_started: set[str] = set()
-        self._cache_ok: set[str] = set()
-        self._cache_off = False
         self._bad_known: set[int] = set()
+        # The cache serves remote stores only: a local dataset is read in place.
+        self._cache = (
+            NodeCache(self.cache_dir, self.url, self.manifest, self.cache_max_bytes, self._get_shard, self.stats, self._lock)
+            if self.cache_dir and not is_local(self.fs) else None
+        )
 
-    _RUNTIME = ("_fs", "_lock", "_read_pool", "_cache_pool", "_pending", "_cache_started", "_cache_ok", "_cache_off", "_bad_known")
+    _RUNTIME = ("_fs", "_lock", "_read_pool", "_pending", "_bad_known", "_cache")
 
     def __getstate__(self) -> dict[str, Any]:
         # Filesystems, pools and locks stay behind; a worker reopens the store from the URL
@@ -286,10 +253,11 @@ class ShardSource:
 
     def close(self) -> None:
         """Stops this source's reading threads; the decoder processes are shared and stay."""
-        for pool in (self._read_pool, self._cache_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self._read_pool = self._cache_pool = None
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True, cancel_futures=True)
+        if self._cache is not None:
+            self._cache.close()
+        self._read_pool = None
         self._pending.clear()
 
     def __enter__(self) -> ShardSource:
@@ -319,97 +287,27 @@ class ShardSource:
 
     # ---------------------------------------------------------------- the local cache
 
-    def _cached_path(self, name: str) -> str | None:
-        if not self.cache_dir or is_local(self.fs):
-            return None
-        return os.path.join(self.cache_dir, self.fingerprint[:16], *name.split("/"))
-
-    def _expected_size(self, name: str) -> int | None:
-        return self.manifest.get("shards", {}).get(name, {}).get("size")
-
-    def _complete(self, path: str, name: str) -> bool:
-        expected = self._expected_size(name)
-        return os.path.exists(path) and (expected is None or os.path.getsize(path) == expected)
+    def _get_shard(self, name: str, local_path: str) -> None:
+        self.fs.get_file(join(self._root, name), local_path)
 
     def _read_cached(self, run: _Run) -> bytes | None:
-        """The run's bytes from the local cache, or None where its shard is not there (yet)."""
-        name = self.shard_names[run.shard]
-        path = self._cached_path(name)
-        if path is None:
+        """The run's bytes from the node cache, or None where its shard is not there (yet)."""
+        if self._cache is None:
             return None
-        if name not in self._cache_ok:
-            if not self._complete(path, name):
-                return None
-            self._cache_ok.add(name)
-        try:
-            with open(path, "rb") as f:
-                f.seek(run.start)
-                data = f.read(run.end - run.start)
-            os.utime(path)  # the eviction's "recently read"
-        except FileNotFoundError:  # evicted, by this node's other processes too
-            self._cache_ok.discard(name)
-            return None
-        with self._lock:
-            self.stats["cache_reads"] += 1
-        return data
-
-    def _schedule_cache(self, name: str) -> None:
-        with self._lock:
-            if self._cache_off or name in self._cache_started:
-                return
-            self._cache_started.add(name)  # for good: a failed download is not retried
-            if self._cache_pool is None:
-                self._cache_pool = ThreadPoolExecutor(1, thread_name_prefix="shard-cache")
-        self._cache_pool.submit(self._download, name)
-
-    def _download(self, name: str) -> None:
-        if self._cache_off:  # queued before the disk filled up
-            return
-        path = self._cached_path(name)
-        assert path is not None and self.cache_dir is not None
-        size = self._expected_size(name)
-        limit = self.cache_max_bytes
-        if limit is not None and (size is None or size > limit):
-            log.warning("not caching %s of %s: %s bytes, over data.cache_max_bytes %s", name, redact(self.url), size, limit)
-            return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            # One process of the node at a time: the others find the shard there when they get the lock.
-            with node_lock(self.cache_dir):
-                if self._complete(path, name):
-                    return
-                if limit is not None:
-                    evict(self.cache_dir, limit, size or 0)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                self.fs.get_file(join(self._root, name), tmp)
-                if size is not None and os.path.getsize(tmp) != size:
-                    raise OSError(f"downloaded {os.path.getsize(tmp)} bytes, the manifest says {size}")
-                os.replace(tmp, path)
-                with self._lock:
-                    self.stats["downloads"] += 1
-        except Exception as err:  # noqa: BLE001 - the cache is an optimisation; reads go on from the store
-            with self._lock:
-                self.stats["cache_failures"] += 1
-            if not (isinstance(err, OSError) and err.errno in DISK_ERRORS):
-                log.warning("could not cache %s of %s in %s: %s", name, redact(self.url), self.cache_dir, redact(err))
-                return
-            self._cache_off = True
-            msg = (
-                f"the shard cache {self.cache_dir} cannot take more ({os.strerror(err.errno)}): caching "
-                f"is off for {redact(self.url)} and reads go to the store; free space, or set "
-                "data.cache_max_bytes below the disk's free space"
-            )
-            log.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+        return self._cache.read(self.shard_names[run.shard], run.start, run.end)
 
     # ---------------------------------------------------------------- reading
 
     def _read_error(self, err: BaseException, run: _Run) -> ShardReadError:
         name = self.shard_names[run.shard]
         if isinstance(err, FileNotFoundError):
+            if self._replaced():
+                return ShardReadError(
+                    f"shard object {redact(self.url)}/{name} is missing: the dataset was overwritten "
+                    "since this job opened it and gc-dataset removed the version the job reads; restart "
+                    "the job (it reads the current version), and run gc-dataset only once the jobs "
+                    "started before an overwrite have ended"
+                )
             return ShardReadError(
                 f"shard object {redact(self.url)}/{name} is missing: the dataset is damaged; "
                 "re-run the ingest with overwrite=True"
@@ -419,19 +317,45 @@ class ShardSource:
             f"{explain_error(err, self.url, 'read from')}"
         )
 
+    def _replaced(self) -> bool:
+        """Whether the dataset's marker now names another version than the one this source read."""
+        try:
+            return open_dataset(self.url).manifest.get("fingerprint") != self.fingerprint
+        except StorageError:
+            return False
+
+    def _cat_ranges(self, runs: list[_Run]) -> list[bytes | BaseException]:
+        """The runs' bytes (or each one's error), issued at once; on an async store (s3fs,
+        gcsfs) under the batch's overall deadline, past which they are cancelled (:class:`_Overdue`)."""
+        import fsspec.asyn
+
+        fs = self.fs
+        paths = [join(self._root, self.shard_names[run.shard]) for run in runs]
+        starts, ends = [run.start for run in runs], [run.end for run in runs]
+        if not getattr(fs, "async_impl", False):  # local and in-memory stores: no network to hang
+            return fs.cat_ranges(paths, starts, ends, on_error="return")
+        try:
+            return fsspec.asyn.sync(
+                fs.loop, fs._cat_ranges, paths, starts, ends, on_error="return", batch_size=self.read_concurrency,
+                timeout=self.read_deadline_s,
+            )
+        except fsspec.asyn.FSTimeoutError:
+            raise _Overdue from None
+
     def _read_runs(self, runs: list[_Run]) -> list[bytes]:
         """The bytes of every run: from the local cache where its shard is there, all others
         by ranged reads issued at once (s3fs: ``read_concurrency`` in flight on its event loop)."""
         out: list[bytes | None] = [self._read_cached(run) for run in runs]
         remote = [i for i, data in enumerate(out) if data is None]
         if remote:
-            fs = self.fs
-            extra = {"batch_size": self.read_concurrency} if getattr(fs, "async_impl", False) else {}
             try:
-                results = fs.cat_ranges(
-                    [join(self._root, self.shard_names[runs[i].shard]) for i in remote],
-                    [runs[i].start for i in remote], [runs[i].end for i in remote], on_error="return", **extra,
-                )
+                results = self._cat_ranges([runs[i] for i in remote])
+            except _Overdue:
+                raise ShardReadError(
+                    f"reading {len(remote)} byte ranges of {redact(self.url)} for a batch took longer than "
+                    f"its deadline, data.read_deadline_s = {self.read_deadline_s:g} s: the store is hung or "
+                    "sends too slowly. Check the store and the network to it, or raise data.read_deadline_s"
+                ) from None
             except Exception as err:  # noqa: BLE001 - every backend error becomes a ShardReadError
                 results = [err] * len(remote)
             for i, data in zip(remote, results):
@@ -441,9 +365,9 @@ class ShardSource:
             with self._lock:
                 self.stats["requests"] += len(remote)
                 self.stats["bytes_read"] += sum(len(out[i]) for i in remote)  # type: ignore[arg-type]
-            if self.cache_dir:
+            if self._cache is not None:
                 for name in {self.shard_names[runs[i].shard] for i in remote}:
-                    self._schedule_cache(name)
+                    self._cache.schedule(name)
         for run, data in zip(runs, out):
             if len(data) != run.end - run.start:  # type: ignore[arg-type]
                 raise ShardReadError(
@@ -487,7 +411,7 @@ class ShardSource:
     def _fetch(self, idx: np.ndarray, key: int, done: list[float]) -> list[Future]:
         """Reads the batch, then hands its images to the decoder processes."""
         items = [(pos, s, bytes(raw)) for pos, s, raw in self._read_samples(idx)]
-        futures = Decoder.shared(self.decoders).submit(self.augment, key, items)
+        futures = Decoder.shared(self.decoders).submit(self.augment, key, items, self.decode_deadline_s)
         for future in futures:
             future.add_done_callback(lambda _: done.append(time.perf_counter()))
         return futures

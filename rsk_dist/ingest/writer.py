@@ -6,29 +6,32 @@ local folder, an image-folder zip, or any fsspec URL) and writes, at ``target_ur
     shards/<fingerprint[:16]>/shard-00000.bin
                              the images' encoded bytes (as in the source, not re-encoded),
                              concatenated; about ``shard_bytes`` each
-    index.parquet            sample_id str, label int64, class_name str, split str,
+    shards/<fingerprint[:16]>/index.parquet
+                             sample_id str, label int64, class_name str, split str,
                              shard str (relative to the target), offset int64, length int64
-    _SUCCESS                 JSON manifest (fingerprint, shard sizes and sha256, the index's
-                             sha256, counts), written last
+    _SUCCESS                 JSON manifest (fingerprint, the index's path, size and sha256,
+                             shard sizes and sha256, counts), written last
 
-Marker protocol: shards first, then the index, then the marker; readers and
-:func:`rsk_dist.storage.preflight` accept a dataset only with its marker, so an interrupted
-ingest is never taken for a complete one. While shards are written, ``_ingest_progress.json``
-records the ones done (with the fingerprint); a re-run of the same ingest skips those whose
-object is there with the recorded size and writes the rest. A re-run over a complete ingest
-with the same fingerprint writes nothing. A complete ingest of *different* content is replaced
-only with ``overwrite=True``, which also rewrites a damaged one of the same content.
+Marker protocol: each content version lives whole in its own folder, named by the fingerprint:
+shards first, then the version's index, then the ``_SUCCESS`` marker, which names the version
+and its index's sha256. Switching the marker is the single commit point: readers and
+:func:`rsk_dist.storage.preflight` accept a dataset only through its marker, so an ingest
+interrupted anywhere (killed, or a store that fails the marker's write) is never taken for a
+complete one, and an interrupted ``overwrite=True`` leaves the old version readable as it was.
+While shards are written, ``_ingest_progress.json`` records the ones done (with the
+fingerprint); a re-run of the same ingest skips those whose object is there with the recorded
+size and writes the rest. A re-run over a complete ingest with the same fingerprint writes
+nothing. A complete ingest of *different* content is replaced only with ``overwrite=True``,
+which also rewrites a damaged one of the same content. Every write failure is a
+:class:`StorageError` naming the object and the fix.
 
-Versions: each content version's shards live in their own folder, named by the fingerprint, so
-``overwrite=True`` writes the new shards beside the old ones and switches the index and then
-the marker last. A job that opened the old version keeps reading the old shards' unchanged
-bytes; one that opens the dataset between the index's and the marker's switch is refused (the
-index does not match the marker's sha256) and can simply be restarted. The marker's
-``versions`` lists the shard folders newest first; :func:`gc_dataset` (``rsk-dist gc-dataset
-URL --keep-last N``) deletes the older ones once no job still reads them. Nothing is deleted
-otherwise: there is no grace-period deletion. Datasets written before versioning (shards
-directly under ``shards/``) stay readable, and a re-ingest over them leaves their shards for
-:func:`gc_dataset` too.
+Versions: ``overwrite=True`` writes the new version beside the old one; a job that opened the
+old version keeps reading its unchanged shards. The marker's ``versions`` lists the version
+folders newest first; :func:`gc_dataset` (``rsk-dist gc-dataset URL --keep-last N``) deletes the
+older ones once no job still reads them. Nothing is deleted otherwise: there is no grace-period
+deletion. Datasets written before the index moved into its version folder (format version 1:
+``index.parquet`` at the root, shards in a version folder or directly under ``shards/``) stay
+readable; a re-ingest over them leaves their files for :func:`gc_dataset`.
 
 The fingerprint is the sha256 of the layout, ``shard_bytes`` and every index row with its
 source file's size and version token (a local file's mtime, an object's ETag, a zip member's
@@ -58,8 +61,10 @@ from rsk_dist.storage import (
     SPLIT_NAME,
     StorageError,
     atomic_write,
+    exists,
     explain_error,
     filesystem,
+    index_path,
     is_local,
     join,
     open_dataset,
@@ -207,6 +212,7 @@ def ingest(
     overwrite: bool = False,
     threads: int = 8,
     on_shard_written: Callable[[str, int, int], None] | None = None,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> IngestResult:
     """Packs the images of ``source`` (a folder, an image-folder zip or an fsspec URL) in
     ``layout`` into shards plus an index at ``target_url``; see the module docstring.
@@ -214,7 +220,9 @@ def ingest(
     ``default_split``: the split of a ``folders`` source without split folders.
     ``overwrite``: replace a complete ingest at the target (of different content, or the same
     content when it was damaged).
-    ``on_shard_written(name, done, total)``: called after each shard is stored (progress).
+    ``on_shard_written(name, done, total)``: called after each shard is stored.
+    ``on_progress(files_done, files_total, bytes_done, bytes_total)``: called once before the
+    first shard is written (counting those a resumed ingest finds done) and after each shard.
     Returns what was done; raises :class:`IngestError` / :class:`StorageError` naming the
     file and the problem.
     """
@@ -226,7 +234,8 @@ def ingest(
     try:
         kwargs = {"default_split": default_split} if layout == "folders" else {}
         plan = _plan(tree, LAYOUT_FUNCS[layout](tree, **kwargs), layout, shard_bytes)
-        return _write(tree, plan, target_url, layout, shard_bytes, overwrite, threads, on_shard_written, source)
+        return _write(tree, plan, target_url, layout, shard_bytes, overwrite, threads, on_shard_written, source,
+                      on_progress)
     finally:
         tree.close()
 
@@ -241,6 +250,7 @@ def _write(
     threads: int,
     on_shard_written: Callable[[str, int, int], None] | None,
     source: str,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> IngestResult:
     fs, root = filesystem(url)
     splits: dict[str, int] = {}
@@ -295,6 +305,11 @@ def _write(
     if shard_info:
         log.info("resuming the ingest into %s: %d of %d shards already written", redact(url), len(shard_info), len(plan.shards))
 
+    totals = (len(plan.where), sum(size for _, members in plan.shards for _, _, size in members))
+    files_done = sum(len(members) for name, members in plan.shards if name in shard_info)
+    bytes_done = sum(info["size"] for info in shard_info.values())
+    if on_progress is not None:
+        on_progress(files_done, totals[0], bytes_done, totals[1])
     pool = ThreadPoolExecutor(max(1, threads)) if tree.parallel_reads and threads > 1 else None
     try:
         for number, (name, members) in enumerate(plan.shards, start=1):
@@ -309,26 +324,27 @@ def _write(
                         "source changed during the ingest; re-run it"
                     )
             data = b"".join(blobs)
-            try:
-                atomic_write(fs, join(root, name), data)
-            except Exception as err:  # noqa: BLE001
-                raise explain_error(err, url, f"write {name} to") from None
+            atomic_write(fs, join(root, name), data, url=f"{redact(url)}/{name}")
             shard_info[name] = {"size": len(data), "sha256": sha256(data)}
             result.shards_written += 1
             atomic_write(
                 fs,
                 join(root, PROGRESS),
                 json.dumps({"fingerprint": plan.fingerprint, "shards": shard_info}).encode(),
+                url=f"{redact(url)}/{PROGRESS}",
             )
             log.info("ingest %s: wrote %s (%d/%d)", redact(url), name, number, len(plan.shards))
             if on_shard_written is not None:
                 on_shard_written(name, number, len(plan.shards))
+            files_done, bytes_done = files_done + len(members), bytes_done + len(data)
+            if on_progress is not None:
+                on_progress(files_done, totals[0], bytes_done, totals[1])
     finally:
         if pool:
             pool.shutdown(wait=True)
 
     index = _index_bytes(plan)
-    atomic_write(fs, join(root, INDEX), index)
+    atomic_write(fs, join(root, index_path(plan.fingerprint)), index, url=f"{redact(url)}/{index_path(plan.fingerprint)}")
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -341,16 +357,24 @@ def _write(
         "num_images": result.num_images,
         "num_classes": result.num_classes,
         "splits": splits,
-        "index": {"path": INDEX, "size": len(index), "sha256": sha256(index)},
+        "index": {"path": index_path(plan.fingerprint), "size": len(index), "sha256": sha256(index)},
         "shards": {name: shard_info[name] for name, _ in plan.shards},
         "versions": _versions(marker, url, version_dir(plan.fingerprint)),
     }
-    atomic_write(fs, join(root, MARKER), json.dumps(manifest, indent=1).encode())
+    # The commit point. Failing here leaves the previous marker, and so the previous version.
+    atomic_write(fs, join(root, MARKER), json.dumps(manifest, indent=1).encode(), url=f"{redact(url)}/{MARKER}")
+    _remove(fs, [join(root, PROGRESS)], url, f"remove {PROGRESS} of")
+    return result
+
+
+def _remove(fs: Any, paths: list[str], url: str, action: str, recursive: bool = False) -> None:
+    """Deletes ``paths`` (those already gone are fine); a failure is a clear StorageError."""
     try:
-        fs.rm_file(join(root, PROGRESS))
+        fs.rm(paths, recursive=recursive)
     except FileNotFoundError:
         pass
-    return result
+    except Exception as err:  # noqa: BLE001
+        raise explain_error(err, url, action) from None
 
 
 def _versions(marker: dict[str, Any] | None, url: str, current: str) -> list[str]:
@@ -391,13 +415,14 @@ def gc_dataset(url: str, keep_last: int = 1) -> list[str]:
         if posixpath.dirname(rel) not in keep:
             stale.setdefault(posixpath.dirname(rel), []).append(path)
     for folder, paths in sorted(stale.items()):
-        try:
-            fs.rm(paths)
-            if folder != SHARD_DIR and is_local(fs):
-                fs.rm(join(root, folder), recursive=True)
-        except FileNotFoundError:
-            pass
-        except Exception as err:  # noqa: BLE001
-            raise explain_error(err, url, f"delete {folder} of") from None
+        _remove(fs, paths, url, f"delete {folder} of")
+        if folder != SHARD_DIR and is_local(fs):
+            _remove(fs, [join(root, folder)], url, f"delete {folder} of", recursive=True)
         log.info("gc %s: removed %s (%d objects)", redact(url), folder, len(paths))
+    # The root index of format version 1 belongs to a replaced version once the current one
+    # keeps its index in its own folder: no marker leads to it any more.
+    legacy = join(root, INDEX)
+    if dataset.manifest["index"].get("path", INDEX) != INDEX and exists(fs, legacy, url):
+        _remove(fs, [legacy], url, f"delete {INDEX} of")
+        stale[INDEX] = [legacy]
     return sorted(stale)

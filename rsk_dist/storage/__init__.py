@@ -16,6 +16,8 @@ from rsk_dist.storage.dataset import (
     SPLIT_NAME,
     VERSION_DIR,
     Dataset,
+    exists,
+    index_path,
     open_dataset,
     sha256,
     validate_index,
@@ -28,7 +30,7 @@ from rsk_dist.storage.preflight import preflight
 
 __all__ = [
     "FINGERPRINT", "FORMAT", "FORMAT_VERSION", "INDEX", "INDEX_COLUMNS", "MARKER", "PROGRESS", "SHARD_DIR",
-    "SHARD_NAME", "SPLIT_NAME", "VERSION_DIR", "Dataset", "StorageError", "atomic_write", "explain_error", "explain_s3_error", "filesystem",
+    "SHARD_NAME", "SPLIT_NAME", "VERSION_DIR", "Dataset", "StorageError", "atomic_write", "exists", "index_path", "explain_error", "explain_s3_error", "filesystem",
     "is_local", "join", "open_dataset", "preflight", "protocol_of", "redact", "refuse_credentials", "s3_endpoint",
     "sha256", "storage_options", "validate_index", "validate_manifest", "version_dir",
 ]

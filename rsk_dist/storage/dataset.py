@@ -1,17 +1,27 @@
 """The ingested-dataset format. A dataset at ``URL`` (written by :mod:`rsk_dist.ingest`)::
 
     URL/shards/<fingerprint[:16]>/shard-00000.bin
-                                 encoded images, concatenated as they were in the source; one
-                                 folder per content version (``shards/shard-*.bin`` before
-                                 versioning, still read)
-    URL/index.parquet            one row per (split, sample): INDEX_COLUMNS
-    URL/_SUCCESS                 JSON manifest, written last: the dataset is complete
+                                 encoded images, concatenated as they were in the source
+    URL/shards/<fingerprint[:16]>/index.parquet
+                                 one row per (split, sample): INDEX_COLUMNS
+    URL/_SUCCESS                 JSON manifest, written last: names the version (fingerprint),
+                                 its index (path, size, sha256) and shards (sizes, sha256)
+
+Each content version lives whole in its own folder (shards and index), so an ingest writes
+nothing an existing version uses, and switching the ``_SUCCESS`` marker is the single commit
+point: an overwrite cut off anywhere before it leaves the old version readable. Datasets of
+format version 1 (the index at ``URL/index.parquet``; shards in a version folder or directly
+under ``shards/``) are still read.
 
 Readers and :func:`rsk_dist.storage.preflight` accept a dataset only with its ``_SUCCESS``
 marker, and check the index against the sha256 the marker records. Storage may be written by
 others: every name and fingerprint read from the index or the manifest must have the exact shape
 an ingest writes (:data:`SHARD_NAME`, :data:`FINGERPRINT`...) before it is joined into a path,
-and anything else is refused with a :class:`StorageError`.
+and anything else is refused with a :class:`StorageError`. The index is bounded before it is
+materialised: its size against the manifest's and :data:`MAX_INDEX_FILE_BYTES`, then its
+Parquet footer (rows, row groups' sizes) against the manifest's sample count,
+:data:`MAX_INDEX_ROWS` and :data:`MAX_INDEX_BYTES`, so a small crafted file cannot expand into
+gigabytes in every reader.
 """
 from __future__ import annotations
 
@@ -34,7 +44,7 @@ INDEX = "index.parquet"
 SHARD_DIR = "shards"
 PROGRESS = "_ingest_progress.json"
 FORMAT = "rsk_dist-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the index inside its version folder; 1 (still read): at the root
 
 # Names read from storage are joined into object paths and local cache paths, and storage may
 # be written by others: anything but these exact shapes is refused before any join.
@@ -44,6 +54,12 @@ FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_OFFSET = 2**48  # 256 TiB into a shard: far beyond any shard, far from int64 overflow
 MAX_LENGTH = 2**31  # 2 GiB for one encoded image
+# Bounds on an index, checked before it is read whole. 8M rows is twice the largest retrieval
+# benchmark (Google Landmarks v2, 4.1M images), at about 1 GiB in memory; a crafted 272 KB file
+# claiming 10M constant rows took 1.6 GB to check and 3.8 GB in every worker.
+MAX_INDEX_ROWS = 2**23
+MAX_INDEX_BYTES = 2**30  # uncompressed, the row groups' total
+MAX_INDEX_FILE_BYTES = 2**28
 
 # name -> (pyarrow type test, description)
 INDEX_COLUMNS: dict[str, str] = {
@@ -65,6 +81,11 @@ def version_dir(fingerprint: str) -> str:
     """The folder of the shards an ingest with ``fingerprint`` writes: each content version has
     its own, so a re-ingest never changes bytes a running reader is reading."""
     return f"{SHARD_DIR}/{fingerprint[:16]}"
+
+
+def index_path(fingerprint: str) -> str:
+    """Where the index of the version with ``fingerprint`` lives (format version 2)."""
+    return f"{version_dir(fingerprint)}/{INDEX}"
 
 
 def _bad_names(values: list[Any], pattern: re.Pattern[str], limit: int = 3) -> list[str]:
@@ -101,6 +122,16 @@ def validate_manifest(manifest: Any, url: str) -> dict[str, Any]:
         index = manifest.get("index", {})
         if not isinstance(index, dict) or not isinstance(index.get("sha256", ""), str):
             problems.append("'index' is not an object with a sha256 string")
+        elif type(index.get("size", 0)) is not int or index.get("size", 0) < 0:
+            problems.append(f"index size {str(index.get('size'))[:20]!r} is not a non-negative integer")
+        elif isinstance(fingerprint, str) and FINGERPRINT.fullmatch(fingerprint):
+            # The index is found through this path: it must be the version's own (or the root's, v1).
+            allowed = index_path(fingerprint) if version == FORMAT_VERSION else INDEX
+            if index.get("path", INDEX) != allowed:
+                problems.append(f"index path {str(index.get('path'))[:80]!r} is not {allowed!r}")
+        samples = manifest.get("num_samples", 0)
+        if type(samples) is not int or samples < 0:
+            problems.append(f"num_samples {str(samples)[:20]!r} is not a non-negative integer")
         versions = manifest.get("versions", [])
         if not isinstance(versions, list):
             problems.append("'versions' is not a list")
@@ -164,7 +195,8 @@ def _missing_dataset(fs: AbstractFileSystem, root: str, url: str) -> StorageErro
 
 
 def validate_index(table: pa.Table, url: str) -> None:
-    """Raises a StorageError naming every missing or mistyped index column and bad value."""
+    """Raises a StorageError naming every missing or mistyped index column and bad value;
+    ``url``: the index's own location."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -183,7 +215,7 @@ def validate_index(table: pa.Table, url: str) -> None:
             problems.append(f"column {name!r} is {t}, expected {kind}")
     if problems:
         raise StorageError(
-            f"malformed index {redact(url)}/{INDEX}: {'; '.join(problems)} (expected columns "
+            f"malformed index {redact(url)}: {'; '.join(problems)} (expected columns "
             f"{', '.join(f'{k}: {v}' for k, v in INDEX_COLUMNS.items())}). Re-run the ingest "
             "with overwrite=True."
         )
@@ -192,7 +224,7 @@ def validate_index(table: pa.Table, url: str) -> None:
             problems.append(f"column {name!r} has {table.column(name).null_count} nulls")
     if problems:
         raise StorageError(
-            f"malformed index {redact(url)}/{INDEX}: {'; '.join(problems)}. Re-run the ingest "
+            f"malformed index {redact(url)}: {'; '.join(problems)}. Re-run the ingest "
             "with overwrite=True."
         )
     if table.num_rows:
@@ -211,7 +243,7 @@ def validate_index(table: pa.Table, url: str) -> None:
         problems.append("no rows")
     if problems:
         raise StorageError(
-            f"malformed index {redact(url)}/{INDEX}: {'; '.join(problems)}. Re-run the ingest "
+            f"malformed index {redact(url)}: {'; '.join(problems)}. Re-run the ingest "
             "with overwrite=True."
         )
 
@@ -242,14 +274,75 @@ def _check_against_manifest(table: pa.Table, manifest: dict[str, Any], url: str)
         parts = [f"shards not in the manifest: {', '.join(unknown[:3])}"] if unknown else []
         parts += [f"samples past the end of {s} ({ends[s]} > {sizes[s]} bytes)" for s in beyond[:3]]
         raise StorageError(
-            f"malformed index {redact(url)}/{INDEX}: {'; '.join(parts)}. Re-run the ingest with "
+            f"malformed index {redact(url)}: {'; '.join(parts)}. Re-run the ingest with "
             "overwrite=True."
+        )
+
+
+def _index_url(url: str, manifest: dict[str, Any]) -> str:
+    return f"{url.rstrip('/')}/{manifest.get('index', {}).get('path', INDEX)}"
+
+
+def _read_index_bytes(fs: AbstractFileSystem, root: str, url: str, manifest: dict[str, Any]) -> bytes:
+    """The index file named by the (validated) manifest, read no further than its recorded size
+    and :data:`MAX_INDEX_FILE_BYTES` allow."""
+    where = _index_url(url, manifest)
+    recorded = manifest.get("index", {}).get("size")
+    limit = MAX_INDEX_FILE_BYTES if recorded is None else min(recorded, MAX_INDEX_FILE_BYTES)
+    try:
+        raw = fs.cat_file(join(root, manifest.get("index", {}).get("path", INDEX)), start=0, end=limit + 1)
+    except (FileNotFoundError, IsADirectoryError):
+        raise StorageError(
+            f"{redact(url)} has a {MARKER} marker but no index at {redact(where)}: the dataset is damaged; "
+            "re-run the ingest with overwrite=True"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any backend error becomes a clear StorageError
+        raise explain_error(err, url, "read the index of") from None
+    if len(raw) > limit:
+        what = f"the {recorded} bytes its {MARKER} manifest records" if recorded is not None and recorded <= MAX_INDEX_FILE_BYTES else f"{MAX_INDEX_FILE_BYTES} bytes, the most an index may have"
+        raise StorageError(
+            f"index {redact(where)} is larger than {what}: it was changed after the ingest, or was "
+            "not written by one; re-run the ingest with overwrite=True"
+        )
+    return raw
+
+
+def _check_footer(raw: bytes, manifest: dict[str, Any], where: str) -> None:
+    """The index's Parquet footer against the manifest's sample count and the absolute bounds,
+    before any row is decoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(pa.BufferReader(raw)).metadata
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise StorageError(
+            f"malformed index {redact(where)}: not a readable parquet file ({str(err)[:200]}). Re-run "
+            "the ingest with overwrite=True."
+        ) from None
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    rows, size = meta.num_rows, sum(g.total_byte_size for g in groups)
+    problems = []
+    expected = manifest.get("num_samples")
+    if expected is not None and rows != expected:
+        problems.append(f"{rows} rows where its {MARKER} manifest records {expected} samples")
+    if rows > MAX_INDEX_ROWS:
+        problems.append(f"{rows} rows, over the {MAX_INDEX_ROWS} an index may have")
+    if size > MAX_INDEX_BYTES or any(g.total_byte_size < 0 or g.num_rows < 0 for g in groups):
+        problems.append(f"{size} bytes uncompressed, over the {MAX_INDEX_BYTES} an index may have")
+    if sum(g.num_rows for g in groups) != rows:
+        problems.append("row groups that do not add up to its row count")
+    if problems:
+        raise StorageError(
+            f"index {redact(where)} refused before reading it: {'; '.join(problems)}. It was not written "
+            "by this dataset's ingest: re-run the ingest with overwrite=True"
         )
 
 
 def open_dataset(url: str, fast: bool = False, fs_root: tuple[Any, str] | None = None) -> Dataset:
     """The complete dataset at ``url``: requires the marker, a well-formed index matching the
-    marker's sha256. Raises StorageError otherwise. ``fs_root``: ``filesystem(url)`` to reuse."""
+    marker's sha256 and within the bounds (see the module's docstring). Raises StorageError
+    otherwise. ``fs_root``: ``filesystem(url)`` to reuse."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -265,25 +358,22 @@ def open_dataset(url: str, fast: bool = False, fs_root: tuple[Any, str] | None =
             "re-run the ingest with overwrite=True"
         ) from None
     manifest = validate_manifest(parsed, url)
-    raw_index = _read_bytes(fs, join(root, INDEX), url, "the index")
-    if raw_index is None:
+    where = _index_url(url, manifest)
+    raw_index = _read_index_bytes(fs, root, url, manifest)
+    expected = manifest.get("index", {}).get("sha256")
+    if expected and sha256(raw_index) != expected:
         raise StorageError(
-            f"{redact(url)} has a {MARKER} marker but no {INDEX}: the dataset is damaged; re-run "
-            "the ingest with overwrite=True"
+            f"{redact(where)} does not match the sha256 its {MARKER} manifest records (it was changed "
+            "after the ingest, or was not written by it): re-run the ingest with overwrite=True"
         )
+    _check_footer(raw_index, manifest, where)
     try:
         table = pq.read_table(pa.BufferReader(raw_index))
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise StorageError(
-            f"malformed index {redact(url)}/{INDEX}: not a readable parquet file ({err}). Re-run "
+            f"malformed index {redact(where)}: not a readable parquet file ({str(err)[:200]}). Re-run "
             "the ingest with overwrite=True."
         ) from None
-    validate_index(table, url)
-    expected = manifest.get("index", {}).get("sha256")
-    if expected and sha256(raw_index) != expected:
-        raise StorageError(
-            f"{redact(url)}/{INDEX} does not match the sha256 its {MARKER} manifest records (it "
-            "was changed after the ingest, or another ingest is writing there): re-run the ingest"
-        )
-    _check_against_manifest(table, manifest, url)
+    validate_index(table, where)
+    _check_against_manifest(table, manifest, where)
     return Dataset(url=str(url), fs=fs, root=root, manifest=manifest, index=table)

@@ -8,7 +8,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from rsk_dist.storage.credentials import protocol_of, redact, s3_endpoint
-from rsk_dist.storage.errors import StorageError
+from rsk_dist.storage.errors import StorageError, explain_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from fsspec import AbstractFileSystem
@@ -74,22 +74,32 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
-def atomic_write(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+def url_of(fs: AbstractFileSystem, path: str) -> str:
+    """``path`` of ``fs`` as a URL (for messages: names the store, never holds credentials)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def atomic_write(fs: AbstractFileSystem, path: str, data: bytes, url: str | None = None) -> None:
     """Writes ``data`` to ``path`` so that readers see the old object or the whole new one:
     locally a temporary file in the same folder renamed over the target; on object stores a
-    single upload (a PUT, or a multipart upload, appears only when complete)."""
-    if is_local(fs):
-        parent = os.path.dirname(path)
-        os.makedirs(parent or ".", exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        fs.pipe_file(path, data)
+    single upload (a PUT, or a multipart upload, appears only when complete). Any failure is a
+    :class:`StorageError` naming ``url`` (default: the path's own URL) and the fix."""
+    try:
+        if is_local(fs):
+            parent = os.path.dirname(path)
+            os.makedirs(parent or ".", exist_ok=True)
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            fs.pipe_file(path, data)
+    except Exception as err:  # noqa: BLE001 - every backend error becomes a clear StorageError
+        raise explain_error(err, url or url_of(fs, path), "write to") from None
