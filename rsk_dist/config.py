@@ -53,6 +53,9 @@ class LossConfig(Section):
     rank_includes_query: bool = False
     chunk_size: int | None = Field(None, ge=1)  # queries per loss chunk; None: from a memory budget
     mode: Literal["replicated", "sharded"] = "replicated"  # how workers share the global loss
+    # RS@k's matmuls in TF32 on CUDA (Ampere+): faster, similarities off by ~1e-3, which tau2 = 0.01
+    # magnifies 100x. Off: full float32, whatever torch's global matmul precision.
+    tf32: bool = False
     options: dict[str, float | int | bool | str] = {}  # keyword arguments of a baseline loss
     # Asymmetric: the student's embeddings query the teacher's embeddings of the batch (needs a
     # teacher section); the query's own teacher embedding is a positive unless self_positive is off.
@@ -158,6 +161,13 @@ class TrainConfig(Section):
     eval_every: int = Field(1, ge=1)  # epochs
     eval_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 2, 4, 8), min_length=1)
     log_every: int = Field(1, ge=1)  # steps
+    # The model's float32 convolutions and matmuls in TF32 on CUDA (Ampere+). Off (unlike torch's
+    # default for cuDNN): autocast none computes in float32.
+    tf32: bool = False
+    # Deterministic algorithms (torch.use_deterministic_algorithms, cuBLAS workspace :4096:8,
+    # cuDNN deterministic, no autotuning): CUDA runs repeat bit for bit on one machine, slower.
+    # CPU runs are deterministic either way.
+    deterministic: bool = False
 
 
 class ScalingConfig(Section):
@@ -268,7 +278,7 @@ def check_teacher_fits(teacher: ModelConfig, student: ModelConfig) -> None:
 # training's maths. Epochs, evaluation, logging, scaling, checkpointing and the data's
 # performance settings (how data is read and decoded, compilation, memory layout) apply on resume.
 MATHS_SECTIONS = ("model", "teacher", "loss", "data", "sampler", "optim")
-MATHS_FIELDS = ("train.steps_per_epoch", "train.autocast")
+MATHS_FIELDS = ("train.steps_per_epoch", "train.autocast", "train.tf32")
 NOT_MATHS = (
     "data.eval", "data.prefetch_steps", "data.cache_dir", "data.cache_max_bytes", "data.read_concurrency", "data.merge_gap",
     "data.decoders", "model.compile", "model.channels_last",

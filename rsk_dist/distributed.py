@@ -14,13 +14,13 @@ virtual queries go with their class's worker); otherwise the exchange is as in s
 """
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rsk_dist.clock import Clock
 from rsk_dist.grouping import LabelGroups
 from rsk_dist.sampler import shard_bounds
 
@@ -122,16 +122,19 @@ class GlobalBatchLoss(nn.Module):
     :func:`rsk_dist.sampler.shard_bounds` (unequal when W does not divide B), and a generator in
     the same state (SiMix draws its weights from it, and all workers must draw the same ones).
     With one process, or without an initialised process group, it is the wrapped loss itself.
-    ``sharded`` needs a loss that accepts ``query_shard`` (RS@k does).
+    ``sharded`` needs a loss that accepts ``query_shard`` (RS@k does). ``stats``: the last call's
+    ``comm_s``, ``loss_s`` and ``bytes_received``, timed by ``clock`` (shared with the two-pass
+    step, its record then holds the ``comm`` phases; by default the wrapper's own).
     """
 
     def __init__(
-        self, loss: nn.Module, mode: Mode = "replicated", group: dist.ProcessGroup | None = None
+        self, loss: nn.Module, mode: Mode = "replicated", group: dist.ProcessGroup | None = None,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("replicated", "sharded"):
             raise ValueError(f"mode must be 'replicated' or 'sharded', got {mode!r}")
-        self.loss, self.mode, self.group = loss, mode, group
+        self.loss, self.mode, self.group, self.clock = loss, mode, group, clock
         self.stats: dict[str, float] = {}
 
     def forward(
@@ -152,7 +155,11 @@ class GlobalBatchLoss(nn.Module):
                 "mixing weights. Pass loss(embeddings, labels, generator) with a generator in the "
                 "same state on every worker, e.g. ClassBalancedSampler.mixing_generator(epoch, step)"
             )
-        t0 = time.perf_counter()
+        clock = self.clock or Clock(embeddings.device)
+        timing_alone = not clock.running
+        if timing_alone:
+            clock.start()
+        t0 = clock.mark("loss")
         layout = ShardLayout(embeddings.shape[0], embeddings.device, self.group)
         global_labels = layout.gather(labels.to(embeddings.device))
         row_bytes = embeddings[0].numel() * embeddings.element_size()
@@ -171,12 +178,12 @@ class GlobalBatchLoss(nn.Module):
             global_emb = layout.gather(embeddings.detach())
             received += layout.bytes_received(row_bytes)  # the others' embeddings
         global_emb.requires_grad_()
-        t1 = time.perf_counter()
+        t1 = clock.mark("comm")
         shard = {} if self.mode == "replicated" else {"query_shard": (rank, world)}
         with torch.enable_grad():
             value = self.loss(global_emb, global_labels, generator=generator, **shard, **with_gallery)
             (grad,) = torch.autograd.grad(value, global_emb)
-        t2 = time.perf_counter()
+        t2 = clock.mark("loss")
         value = value.detach()
         if own_rows_only:
             own = grad[layout.own_rows]
@@ -187,7 +194,9 @@ class GlobalBatchLoss(nn.Module):
             received += layout.bytes_received(row_bytes)
         else:
             own = grad[layout.own_rows]
-        t3 = time.perf_counter()
+        t3 = clock.mark("comm")
+        if timing_alone:
+            clock.stop()
         self.stats = {"comm_s": (t1 - t0) + (t3 - t2), "loss_s": t2 - t1, "bytes_received": received}
         return _WithGradient.apply(embeddings, value, own.contiguous())
 

@@ -9,6 +9,13 @@ gradients, skip a step with inf/NaN, update the scale). The parameter gradient e
 full-batch backward because ``d loss / d theta = sum_i (d loss / d e_i) (d e_i / d theta)`` and
 pass 2 replays exactly the pass-1 forward of every ``e_i``.
 
+Input memory grows with the chunk too: the batch may come as uint8 images (a quarter of float32's
+bytes), and each chunk is converted to float and normalised (``normalize``) on the device as it
+is embedded, in both passes. Phase boundaries go through one :class:`rsk_dist.clock.Clock`.
+A compiled model sees one input shape: the last chunk is padded to the first chunk's size and the
+padding rows dropped, so that it builds one graph with gradients and one without instead of
+recompiling for the ragged chunk (which differs between workers when W does not divide B).
+
 Asymmetric training adds a frozen ``teacher``: one more forward of the batch, chunked, without a
 graph, under the same autocast; its embeddings are the gallery the loss's queries rank
 (``loss_fn(..., gallery=...)``). It gets no gradient, so it needs no second pass.
@@ -16,14 +23,14 @@ graph, under the same autocast; its embeddings are the gallery the loss's querie
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from rsk_dist.models import warn_if_batchnorm_updates
+from rsk_dist.clock import Clock
+from rsk_dist.models import is_compiled, warn_if_batchnorm_updates
 
 LossFn = Callable[..., Tensor]
 
@@ -39,12 +46,6 @@ class StepResult:
     loss: float
     embeddings: Tensor  # detached, the local batch
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # kernels are asynchronous: time their completion
-    return time.perf_counter()
 
 
 def _capture_rng(device: torch.device) -> RngState:
@@ -71,6 +72,10 @@ class LargeBatchStep:
     ``teacher`` (frozen: see rsk_dist.teacher); a distributed loss wrapper makes that the global batch.
     :meth:`step` leaves the gradients in ``.grad`` (multiplied by the GradScaler's scale under
     float16) for the caller to sum over workers; :meth:`optimizer_step` then applies them.
+    ``normalize`` turns a chunk of uint8 images, on the device, into the model's float input
+    (e.g. :meth:`rsk_dist.data.feeder.Feeder.normalize`); float images are used as they are.
+    ``clock``: where the phases are timed (the step's own by default; share one with a
+    :class:`rsk_dist.distributed.GlobalBatchLoss` to time its communication apart).
     """
 
     def __init__(
@@ -81,6 +86,8 @@ class LargeBatchStep:
         autocast_dtype: torch.dtype | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         teacher: nn.Module | None = None,
+        normalize: Callable[[Tensor], Tensor] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -91,6 +98,8 @@ class LargeBatchStep:
         self.chunk_size = chunk_size
         self.autocast_dtype = autocast_dtype
         self.grad_scaler = grad_scaler
+        self.normalize = normalize
+        self.clock = clock or Clock(self.device)
         self.teacher = teacher
         warn_if_batchnorm_updates(model)
 
@@ -98,28 +107,44 @@ class LargeBatchStep:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _forward(self, images: Tensor, model: nn.Module | None = None) -> Tensor:
+    def _chunks(self, images: Tensor, model: nn.Module) -> tuple[list[Tensor], int]:
+        """The chunks, and the rows to pad each to: the first chunk's for a compiled ``model``."""
+        if images.dtype == torch.uint8 and self.normalize is None:
+            raise ValueError("uint8 images need normalize= (e.g. Feeder.normalize): the model takes floats")
+        chunks = list(images.split(self.chunk_size))
+        return chunks, chunks[0].shape[0] if chunks and is_compiled(model) else 0
+
+    def _forward(self, chunk: Tensor, rows: int, model: nn.Module | None = None) -> Tensor:
+        """The float output of the model (or ``model``) on ``chunk``, moved to the device,
+        normalised (uint8), padded to ``rows`` rows (if fewer) and cut back."""
         model = self.model if model is None else model
+        x = chunk.to(self.device, non_blocking=True)
+        if self.normalize is not None:
+            x = self.normalize(x)
+        n = x.shape[0]
+        if n < rows:
+            x = torch.cat([x, x.new_zeros((rows - n, *x.shape[1:]))])
         if self.autocast_dtype is None:
-            return model(images)
+            return model(x)[:n]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
             # The loss runs in float32: bf16 similarities would blur ranks at tau2 = 0.01.
-            return model(images).float()
+            return model(x)[:n].float()
 
     def embed(self, images: Tensor) -> tuple[Tensor, list[RngState]]:
         """Pass 1: embeddings of all chunks without a graph, and each chunk's RNG state."""
         states, outputs = [], []
+        chunks, rows = self._chunks(images, self.model)
         with torch.no_grad():
-            for chunk in images.split(self.chunk_size):
+            for chunk in chunks:
                 states.append(_capture_rng(self.device))
-                outputs.append(self._forward(chunk.to(self.device, non_blocking=True)))
+                outputs.append(self._forward(chunk, rows))
         return torch.cat(outputs), states
 
     @torch.no_grad()
     def embed_teacher(self, images: Tensor) -> Tensor:
         """The teacher's embeddings of all chunks: the gallery of asymmetric losses."""
-        return torch.cat([self._forward(chunk.to(self.device, non_blocking=True), self.teacher)
-                          for chunk in images.split(self.chunk_size)])
+        chunks, rows = self._chunks(images, self.teacher)
+        return torch.cat([self._forward(chunk, rows, self.teacher) for chunk in chunks])
 
     def embedding_gradient(
         self, embeddings: Tensor, labels: Tensor, generator: torch.Generator | None = None,
@@ -137,27 +162,39 @@ class LargeBatchStep:
         """Pass 2: re-run each chunk with its RNG state and backpropagate its cached gradient."""
         if self.grad_scaler is not None:
             grad = self.grad_scaler.scale(grad)
-        for chunk, chunk_grad, state in zip(images.split(self.chunk_size), grad.split(self.chunk_size), states):
+        chunks, rows = self._chunks(images, self.model)
+        for chunk, chunk_grad, state in zip(chunks, grad.split(self.chunk_size), states):
             with _replay_rng(state, self.device):
-                out = self._forward(chunk.to(self.device, non_blocking=True))
+                out = self._forward(chunk, rows)
             out.backward(chunk_grad)
 
     def step(
         self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
     ) -> StepResult:
-        t0 = _clock(self.device)
-        gallery = self.embed_teacher(images) if self.teacher is not None else None
-        tt = _clock(self.device)
-        embeddings, states = self.embed(images)
-        t1 = _clock(self.device)
-        loss, grad = self.embedding_gradient(embeddings, labels, generator, gallery)
-        t2 = _clock(self.device)
-        self.backward(images, grad, states)
-        t3 = _clock(self.device)
-        timings = {"embed_s": t1 - tt, "loss_s": t2 - t1, "backward_s": t3 - t2}
+        """Both passes; ``timings`` are the seconds of ``embed_s``, ``loss_s``, ``backward_s``
+        (``teacher_s`` with a teacher, and ``comm_s`` of a loss sharing the clock). A caller that
+        started the clock (the training loop, which also times data and the optimizer) reads the
+        record from it."""
+        own = not self.clock.running
+        if own:
+            self.clock.start()
+        gallery = None
         if self.teacher is not None:
-            timings["teacher_s"] = tt - t0
-        return StepResult(loss=float(loss), embeddings=embeddings, timings=timings)
+            gallery = self.embed_teacher(images)
+            self.clock.mark("teacher")
+        embeddings, states = self.embed(images)
+        self.clock.mark("embed")
+        loss, grad = self.embedding_gradient(embeddings, labels, generator, gallery)
+        self.clock.mark("loss")
+        self.backward(images, grad, states)
+        self.clock.mark("backward")
+        seconds = self.clock.stop() if own else self.clock.seconds()
+        phases = ("teacher", "embed", "loss", "comm", "backward")
+        return StepResult(
+            loss=float(loss),
+            embeddings=embeddings,
+            timings={f"{p}_s": seconds[p] for p in phases if p in seconds},
+        )
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Steps ``optimizer`` on the gradients in ``.grad``; returns whether it stepped.

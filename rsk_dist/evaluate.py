@@ -2,6 +2,8 @@
 test set, the embeddings are gathered, and every worker computes the same metrics."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -9,6 +11,13 @@ from torch import Tensor, nn
 from rsk_dist.data.sources import Source
 from rsk_dist.distributed import all_gather_rows, rank_and_world
 from rsk_dist.metrics import retrieval_metrics
+from rsk_dist.preprocess import to_float
+
+
+def _eager() -> contextlib.AbstractContextManager:
+    # torch.compiler.set_stance is torch >= 2.6; older releases build the eval graphs too.
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -18,7 +27,10 @@ def embed_source(
     chunk_size: int = 256,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Embeddings and labels of the whole source, each worker embedding a contiguous 1/W."""
+    """Embeddings and labels of the whole source, each worker embedding a contiguous 1/W. uint8
+    images are converted chunk by chunk with the source's ``mean`` and ``std``. A compiled model
+    runs eagerly here: eval mode would be another graph (and its ragged last chunk one more), on
+    top of training's two, and past dynamo's recompile limit it silently falls back to eager anyway."""
     rank, world = rank_and_world(group)
     n = source.labels.numel()
     per = -(-n // world)  # all_gather needs equal shares: the last worker pads with index 0
@@ -31,11 +43,16 @@ def embed_source(
     chunks = mine.split(chunk_size)
     prefetch = getattr(source, "prefetch", None)
     parts = []
+    # a feeder's, which also casts to the model's dtype; a bare source's normalisation otherwise
+    normalize = getattr(source, "normalize", None) or (
+        lambda x: to_float(x, getattr(source, "mean", None), getattr(source, "std", None))
+    )
     try:
-        for i, idx in enumerate(chunks):
-            if prefetch is not None and i + 1 < len(chunks):
-                prefetch(chunks[i + 1])  # read and decode the next chunk while this one is embedded
-            parts.append(model(source(idx)[0].to(device)).float())
+        with _eager():
+            for i, idx in enumerate(chunks):
+                if prefetch is not None and i + 1 < len(chunks):
+                    prefetch(chunks[i + 1])  # read and decode the next chunk while this one is embedded
+                parts.append(model(normalize(source(idx)[0].to(device))).float())
     finally:
         model.train(was_training)
     emb = torch.cat(parts) if parts else torch.empty(0, device=device)

@@ -7,7 +7,6 @@ overflowed). The same function runs in a plain process, under torch.distributed,
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -30,35 +29,37 @@ def train_step(
     group: torch.distributed.ProcessGroup | None = None,
 ) -> dict[str, float]:
     """Runs one step, ``fetch(indices, augment_key)`` giving the images (a data source, see
-    rsk_dist.data.sources); returns its metrics (loss, images/s, seconds per phase, bytes sent).
+    rsk_dist.data.sources); returns its metrics (loss, images/s, seconds per phase, bytes sent),
+    the phases timed by ``step.clock``.
     ``data_wait_s`` is how long the step waited for its batch; ``data_s`` how long fetching the
     batch took (``fetch.fetch_s`` where prefetching ran it earlier, see rsk_dist.data.feeder)."""
     rank, world = rank_and_world(group)
     torch.manual_seed(sampler.worker_seed(epoch, step_in_epoch, rank))
-    t0 = time.perf_counter()
+    clock = step.clock  # every phase boundary through it: on CUDA, each waits for the device
+    clock.start()
     images, labels = fetch(sampler.shard(epoch, step_in_epoch, rank, world), sampler.augment_key(epoch, step_in_epoch))
-    t1 = time.perf_counter()
+    clock.mark("data")
     optimizer.zero_grad(set_to_none=True)
     result = step.step(images, labels, generator=sampler.mixing_generator(epoch, step_in_epoch))
-    t2 = time.perf_counter()
     grad_bytes = sum_gradients(step.model, group)
-    t3 = time.perf_counter()
+    clock.mark("comm")
     stepped = step.optimizer_step(optimizer)
-    t4 = time.perf_counter()
+    clock.mark("optimizer")
+    s = clock.stop()
     loss_stats = getattr(step.loss_fn, "stats", {})
-    comm_s = loss_stats.get("comm_s", 0.0) + (t3 - t2)
     return {
         "loss": result.loss,
         "lr": optimizer.param_groups[0]["lr"],
-        "images_per_s": sampler.batch_size / (t4 - t0),
-        "data_s": getattr(fetch, "fetch_s", t1 - t0),
-        "data_wait_s": t1 - t0,
-        "embed_s": result.timings["embed_s"],
-        "loss_s": result.timings["loss_s"] - loss_stats.get("comm_s", 0.0),
-        "backward_s": result.timings["backward_s"],
-        **({"teacher_s": result.timings["teacher_s"]} if "teacher_s" in result.timings else {}),
-        "comm_s": comm_s,
-        "step_s": t4 - t0,
+        "images_per_s": sampler.batch_size / s["total"],
+        "data_s": getattr(fetch, "fetch_s", s["data"]),
+        "data_wait_s": s["data"],
+        "embed_s": s["embed"],
+        "loss_s": s["loss"],
+        "backward_s": s["backward"],
+        **({"teacher_s": s["teacher"]} if "teacher" in s else {}),
+        "comm_s": s["comm"],  # the loss's exchange of embeddings too, when it shares the clock
+        "optimizer_s": s["optimizer"],
+        "step_s": s["total"],
         "bytes_received": loss_stats.get("bytes_received", 0.0) + grad_bytes * (world - 1) / world,
         "skipped": float(not stepped),  # float16: a step with inf/NaN gradients is not applied
     }

@@ -120,6 +120,13 @@ def batchnorm_layers_updating(model: nn.Module) -> list[str]:
     ]
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is, or holds, a compiled module (``torch.compile(module)`` or
+    ``module.compile()``, as :func:`build_model` does for its backbone)."""
+    # Both private: torch.compile's wrapper keeps _orig_mod, nn.Module.compile sets _compiled_call_impl.
+    return any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 def warn_if_batchnorm_updates(model: nn.Module) -> list[str]:
     """Warn (``UserWarning``) when a BatchNorm in ``model`` would update its running statistics.
 
@@ -374,9 +381,11 @@ def build_model(
     to the pooled features before the head. ``freeze_bn`` freezes ResNet-50's BatchNorm statistics.
     ``channels_last``: see :meth:`EmbeddingModel.use_channels_last`. ``compile``: the backbone is
     compiled in place (``nn.Module.compile``, so state-dict keys stay those of the eager model)
-    on its first forward. ``image_size``: the input size a ViT is built for (its position
-    embeddings; pretrained ones are resampled to it); CNNs take any size. ``width``: the channels
-    of ``small_cnn``'s blocks (None: 64).
+    on its first forward; the two-pass step pads its chunks to one shape and evaluation runs
+    eagerly (:mod:`rsk_dist.evaluate`), so a run builds two graphs, with and without gradients.
+    ``image_size``: the input size a ViT is built for (its position embeddings; pretrained ones
+    are resampled to it); CNNs take any size. ``width``: the channels of ``small_cnn``'s blocks
+    (None: 64).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -23,7 +23,7 @@ import weakref
 from typing import Any
 
 STEP_KEYS = ("loss", "lr", "images_per_s")
-TIMING = re.compile(r"^[a-z_]+_s$")  # data_s, data_wait_s, embed_s, loss_s, backward_s, comm_s, step_s
+TIMING = re.compile(r"^[a-z_]+_s$")  # data_s, data_wait_s, embed_s, loss_s, backward_s, comm_s, optimizer_s, step_s
 
 
 def _is_eval(key: str) -> bool:

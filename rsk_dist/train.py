@@ -3,8 +3,11 @@ shared step of :mod:`rsk_dist.loop` on its shard of each global batch (spec §4)
 
 A step is a pure function of the state and (seed, epoch, step): the sampler, the SiMix weights,
 the augmentation and each worker's RNG are all derived from them. So a job that resumes from a
-checkpoint, after a lost worker, a killed driver or ``--resume-from``, continues exactly as the
-uninterrupted job would have.
+checkpoint, after a lost worker, a killed driver or ``--resume-from``, continues as the
+uninterrupted job would have: bit for bit on the CPU (same torch build, threads and worker
+count); on CUDA within float rounding, as cuDNN's and other kernels' sums vary in order, unless
+``train.deterministic`` (then bit for bit on one machine and software stack; see
+:mod:`rsk_dist.numerics`). Another worker count agrees within float rounding everywhere.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from rsk_dist import numerics
 from rsk_dist.checkpoint import (
     CheckpointError, checkpoint_name, cpu_copy, latest_state, load_model, load_state, publish_state, state_config,
     write_checkpoint,
 )
+from rsk_dist.clock import Clock
 from rsk_dist.config import (
     DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, check_teacher_fits, local_absolute,
 )
@@ -79,18 +84,18 @@ def open_source(
     return Feeder(source, device, dtype)
 
 
-def build_loss(cfg: LossConfig) -> GlobalBatchLoss:
+def build_loss(cfg: LossConfig, clock: Clock | None = None) -> GlobalBatchLoss:
     if cfg.name == "rsk":
         loss: nn.Module = RecallAtKSurrogate(
             k=cfg.k, tau1=cfg.tau1, tau2=cfg.tau2, simix=cfg.simix,
-            rank_includes_query=cfg.rank_includes_query, chunk_size=cfg.chunk_size,
+            rank_includes_query=cfg.rank_includes_query, chunk_size=cfg.chunk_size, tf32=cfg.tf32,
             asymmetric=cfg.asymmetric, self_positive=cfg.asymmetric_self_positive,
         )
     elif cfg.name == "regression":
         loss = Regression()
     else:
         loss = MetricLearningLoss(cfg.name, asymmetric=cfg.asymmetric, self_positive=cfg.asymmetric_self_positive, **cfg.options)
-    return GlobalBatchLoss(loss, cfg.mode)
+    return GlobalBatchLoss(loss, cfg.mode, clock=clock)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -160,13 +165,15 @@ class Trainer:
         checked against ``config`` here, wherever the resume happens (see :func:`check_state`)."""
         self.config, self.device = config, device
         c = config
+        numerics.configure(c.train.deterministic, c.train.tf32)  # before any CUDA work of the model
         torch.manual_seed(c.sampler.seed)  # the same initial weights on every worker
         self.model = build_model(
             c.model.name, dim=c.model.dim, pooling=c.model.pooling, pretrained=c.model.pretrained,
             in_channels=c.model.in_channels, dropout=c.model.dropout, freeze_bn=c.model.freeze_bn,
             channels_last=c.model.channels_last, compile=c.model.compile, width=c.model.width,
         ).to(device, DTYPE[c.model.dtype])
-        self.loss = build_loss(c.loss)
+        clock = Clock(device)  # one for the step's phases and the loss's communication
+        self.loss = build_loss(c.loss, clock)
         # Frozen: it is in no optimizer, gets no gradient and stays in eval mode (rsk_dist.teacher).
         self.teacher = load_teacher(c.teacher, device) if c.teacher is not None else None
         self.optimizer, self.scheduler = build_optimizer(c.optim, self.model)
@@ -183,7 +190,10 @@ class Trainer:
         )
         self.steps_per_epoch = c.train.steps_per_epoch or self.sampler.steps_per_epoch
         scaler = torch.amp.GradScaler(device.type) if c.train.autocast == "fp16" else None
-        self.step = LargeBatchStep(self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler, self.teacher)
+        self.step = LargeBatchStep(
+            self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler, self.teacher,
+            normalize=self.train_data.normalize, clock=clock,
+        )
         # Progress: epochs done, steps done in the next one and their losses (for its summary).
         self.epoch, self.step_in_epoch, self.losses, self.history, self.best = 0, 0, [], [], -math.inf
         self.schedule = CheckpointSchedule(

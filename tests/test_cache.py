@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rsk_dist.data.cache import DIGEST, cached_shards
@@ -78,34 +79,39 @@ def test_a_neighbour_with_a_copied_manifest_cannot_poison_the_victims_cache(s3, 
     again.close()
 
 
-UNWRITABLE_READER = """
-import os, sys, warnings, torch
+CACHE_READER = """
+import os, resource, signal, sys, warnings, torch
 from rsk_dist.data.shards import ShardSource
 warm = ShardSource(sys.argv[1], None, image_size=16, train=False)
 warm(torch.arange(len(warm)))  # every module imported and the decoders started, no cache
-if os.geteuid() == 0:  # root writes anywhere: go on as nobody, as a job's user would
+if sys.argv[3] == "full":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # larger files fail with EFBIG, as on a full disk
+elif os.geteuid() == 0:  # root writes anywhere: go on as nobody, as a job's user would
     os.setgid(65534); os.setuid(65534)
 src = ShardSource(sys.argv[1], None, image_size=16, train=False, cache_dir=sys.argv[2])
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for _ in range(3):
         src(torch.arange(len(src)))
-        src.close()
-print(len([w for w in caught if "refuses access" in str(w.message)]), src.stats["cache_failures"],
+        src.close()  # lets the background downloads run
+print(len([w for w in caught if sys.argv[4] in str(w.message)]), src.stats["cache_failures"],
       src.stats["downloads"], src.stats["requests"])
 """
 
 
-def test_an_unwritable_cache_directory_turns_caching_off_with_one_warning(s3, tmp_path):
+@pytest.mark.parametrize("fault, warning", [("full", "cannot take more"), ("unwritable", "refuses access")])
+def test_a_cache_directory_that_refuses_writes_turns_caching_off_with_one_warning(s3, tmp_path, fault, warning):
+    """A full disk (EFBIG here), or a directory that refuses access (EACCES; issue 23, 11)."""
     make_folders(tmp_path / "src", classes=4)
     url = s3.url()
-    ingest(str(tmp_path / "src"), url, "folders", shard_bytes=300)
+    ingest(str(tmp_path / "src"), url, "folders", shard_bytes=3000)
     cache = tmp_path / "cache"
-    cache.mkdir(mode=0o555)
-    cache.chmod(0o555)
-    os.chmod(tmp_path, 0o755)
-    out = subprocess.run([sys.executable, "-c", UNWRITABLE_READER, url, str(cache)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)}, timeout=120, cwd="/")
+    if fault == "unwritable":
+        cache.mkdir()
+        cache.chmod(0o555)
+    out = subprocess.run([sys.executable, "-c", CACHE_READER, url, str(cache), fault, warning], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)}, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr[-2000:]
     warned, failures, downloads, requests = map(int, out.stdout.split())
     # Several shards, yet one failure and one warning; every read still served from the store.

@@ -269,3 +269,172 @@ def test_trainer_checkpoints_and_restores_the_grad_scaler(tmp_path):
     assert saved["scale"] == 2.0**7 and saved["_growth_tracker"] == 2
     resumed = Trainer(config, torch.device("cpu"), states[-1])
     assert resumed.step.grad_scaler.state_dict() == saved
+
+
+# ------------------------------------------------------------------ input, clock, compile (issue 20)
+
+SHAPE = (3, 10, 6)  # C x H x W of the image tests: no activation of TinyCNN has this shape
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.head = nn.Linear(5, 8)
+
+    def forward(self, x):
+        return F.normalize(self.head(F.relu(self.conv(x)).mean((2, 3))), dim=1)
+
+
+def uint8_source(n: int = 96):
+    from rsk_dist.data.sources import MemorySource
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n // 4).repeat_interleave(4)
+    images = (torch.rand(n, *SHAPE, generator=g) * 128 + 4 * labels[:, None, None, None] % 128).to(torch.uint8)
+    source = MemorySource(images, labels)
+    source.mean, source.std = MEAN, STD  # as a decoding source names its normalisation
+    return source
+
+
+def float_input_bytes_alive() -> int:
+    """Bytes of the distinct storages of float tensors shaped like a batch of input images."""
+    import gc
+
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) is torch.Tensor and obj.is_floating_point() and tuple(obj.shape[1:]) == SHAPE:
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_float_input_alive_in_a_step_is_one_chunk_whatever_the_batch(batch):
+    from rsk_dist.data.feeder import Feeder
+    from rsk_dist.loop import train_step
+    from rsk_dist.sampler import ClassBalancedSampler
+
+    torch.manual_seed(0)
+    model, chunk = TinyCNN(), 8
+    feeder = Feeder(uint8_source())
+    step = LargeBatchStep(model, RecallAtKSurrogate(k=(1, 2)), chunk, normalize=feeder.normalize)
+    sampler = ClassBalancedSampler(feeder.labels, batch_size=batch, samples_per_class=4, seed=0)
+    baseline, peaks = float_input_bytes_alive(), []
+    model.register_forward_pre_hook(lambda m, args: peaks.append(float_input_bytes_alive() - baseline))
+    train_step(step, torch.optim.SGD(model.parameters(), lr=0.1), sampler, feeder, 0, 0)
+    assert len(peaks) == 2 * batch // chunk  # every forward of both passes was seen
+    # the chunk the model is running on, nothing of the batch: the same at any batch size
+    assert max(peaks) == chunk * 3 * 10 * 6 * 4
+
+
+def test_uint8_batch_normalised_per_chunk_equals_the_float_batch_bit_for_bit():
+    from rsk_dist.data.feeder import Feeder, to_float
+
+    source = uint8_source(40)
+    images, labels = source(torch.arange(40))
+    results = []
+    for normalize, batch in ((None, to_float(images, MEAN, STD)), (Feeder(source).normalize, images)):
+        torch.manual_seed(0)
+        model = TinyCNN()
+        result = LargeBatchStep(model, RecallAtKSurrogate(k=(1, 2)), 16, normalize=normalize).step(batch, labels)
+        results.append((result.loss, result.embeddings, param_grads(model)))
+    (loss_a, emb_a, grads_a), (loss_b, emb_b, grads_b) = results
+    assert loss_a == loss_b and torch.equal(emb_a, emb_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    with pytest.raises(ValueError, match="uint8 images need normalize="):
+        LargeBatchStep(TinyCNN(), RecallAtKSurrogate(), 16).step(images, labels)
+
+
+def test_every_phase_boundary_goes_through_the_clock():
+    from rsk_dist.clock import Clock
+    from rsk_dist.data.feeder import Feeder
+    from rsk_dist.loop import train_step
+    from rsk_dist.sampler import ClassBalancedSampler
+
+    marks = []
+
+    class Recording(Clock):
+        def _now(self) -> float:
+            t = super()._now()  # on CUDA: synchronises the device
+            marks.append(t)
+            return t
+
+    clock = Recording("cpu")
+    feeder = Feeder(uint8_source())
+    step = LargeBatchStep(TinyCNN(), RecallAtKSurrogate(k=(1, 2)), 8, normalize=feeder.normalize, clock=clock)
+    sampler = ClassBalancedSampler(feeder.labels, batch_size=16, samples_per_class=4, seed=0)
+    metrics = train_step(step, torch.optim.SGD(step.model.parameters(), lr=0.1), sampler, feeder, 0, 0)
+    assert [phase for phase, _ in clock.marks] == ["start", "data", "embed", "loss", "backward", "comm", "optimizer"]
+    assert [t for _, t in clock.marks] == marks  # every time read came from the clock, in order
+    assert not clock.running
+    times = [t for _, t in clock.marks]
+    for phase, (a, b) in zip(["data_wait_s", "embed_s", "loss_s", "backward_s", "comm_s", "optimizer_s"], zip(times, times[1:])):
+        assert metrics[phase] == b - a
+    assert metrics["step_s"] == times[-1] - times[0]
+    # standalone, the step times itself
+    assert set(step.step(*feeder(sampler.shard(0, 1, 0, 1), 1)).timings) == {"embed_s", "loss_s", "backward_s"}
+
+
+def clock_worker(rank: int, world: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from rsk_dist.clock import Clock
+    from rsk_dist.data.feeder import Feeder
+    from rsk_dist.distributed import GlobalBatchLoss
+    from rsk_dist.loop import train_step
+    from rsk_dist.sampler import ClassBalancedSampler
+    from tests.dist_worker import init_group
+
+    init_group(rank, world, out)
+    try:
+        clock, feeder = Clock("cpu"), Feeder(uint8_source())
+        loss = GlobalBatchLoss(RecallAtKSurrogate(k=(1, 2)), "sharded", clock=clock)
+        step = LargeBatchStep(TinyCNN(), loss, 8, normalize=feeder.normalize, clock=clock)
+        sampler = ClassBalancedSampler(feeder.labels, batch_size=20, samples_per_class=4, seed=0)
+        metrics = train_step(step, torch.optim.SGD(step.model.parameters(), lr=0.1), sampler, feeder, 0, 0)
+        torch.save({"phases": [p for p, _ in clock.marks], "comm_s": metrics["comm_s"], "stats": loss.stats}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_loss_communication_is_timed_by_the_steps_clock(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(clock_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # all-gather, the loss, the reduce-scatter of the embedding gradient, then the gradients' all-reduce
+        assert got["phases"] == ["start", "data", "embed", "loss", "comm", "loss", "comm", "loss", "backward", "comm", "optimizer"]
+        assert got["comm_s"] >= got["stats"]["comm_s"] > 0
+
+
+def test_compiled_model_builds_at_most_two_graphs_over_a_ragged_step_and_an_evaluation():
+    """Pass 1 (no gradients) and pass 2 (gradients) with a ragged last chunk, then an
+    evaluation (eval mode, ragged too): eager compilation (dynamo's graphs, no code generation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from rsk_dist.data.feeder import Feeder
+    from rsk_dist.evaluate import evaluate
+
+    torch.manual_seed(0)
+    eager = TinyCNN()
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="eager")
+    feeder = Feeder(uint8_source(44))
+    images, labels = feeder(torch.arange(44))
+    torch._dynamo.reset()
+    counters.clear()
+    grads, losses = [], []
+    for model in (eager, compiled):
+        result = LargeBatchStep(model, RecallAtKSurrogate(k=(1, 2)), 16, normalize=feeder.normalize).step(images, labels)
+        grads.append(param_grads(model))
+        losses.append(result.loss)
+        evaluate(model, feeder, ks=(1,), chunk_size=16)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    # the padding rows change nothing but float rounding (the conv on 16 rows instead of 12)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for e, g in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6 * e.abs().max().item())

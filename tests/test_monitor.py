@@ -87,7 +87,7 @@ def test_run_leaves_tensorboard_events_and_a_plot(tmp_path):
     assert 0 < tags["eval/recall_at_1"][4] <= 1
     assert set(tags) == {
         "train/loss", "train/lr", "train/images_per_s", "eval/recall_at_1", "eval/recall_at_2", "eval/map_at_r",
-        "eval/r_precision", *(f"time/{t}_s" for t in ("data", "data_wait", "embed", "loss", "backward", "comm", "step")),
+        "eval/r_precision", *(f"time/{t}_s" for t in ("data", "data_wait", "embed", "loss", "backward", "comm", "optimizer", "step")),
     }
 
     png = (run / "training.png").read_bytes()

@@ -116,7 +116,8 @@ class ShardSource:
     ``max_pending``: prefetched batches held
     (a caller that prefetches P steps ahead needs P + 1: the current step's and P more).
     ``last_fetch_s``: after a call, seconds from when its batch was asked for (prefetch or
-    call) to when its last image was decoded.
+    call) to when its last image was decoded. ``pin_memory``: batches are assembled in pinned
+    memory, for a fast copy to a GPU (the feeder sets it for one).
     """
 
     def __init__(
@@ -161,6 +162,7 @@ class ShardSource:
         self.merge_gap, self.read_concurrency, self.decoders = merge_gap, read_concurrency, decoders
         self.max_pending, self.draft = max_pending, draft
         self.read_deadline_s, self.decode_deadline_s = read_deadline_s, decode_deadline_s
+        self.pin_memory = False
         # The float conversion the consumer applies on its device: (x / 255 - mean) / std.
         self.mean = IMAGENET_MEAN if normalize == "imagenet" else None
         self.std = IMAGENET_STD if normalize == "imagenet" else None
@@ -468,12 +470,14 @@ class ShardSource:
         # Every chunk first: a lost decoder raises before any bad sample is counted, so a batch
         # decoded again counts its bad samples once.
         decoded = [item for future in pending.tasks.result() for item in future.result()]
-        images = np.empty((idx.size, self.in_channels, self.image_size, self.image_size), dtype=np.uint8)
+        shape = (idx.size, self.in_channels, self.image_size, self.image_size)
+        images = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+        out = images.numpy()
         for pos, item in decoded:
             if isinstance(item, Undecodable):
                 item = self._replace(int(idx[pos]), item, pending.key)
-            images[pos] = item.transpose(2, 0, 1)
-        return torch.from_numpy(images)
+            out[pos] = item.transpose(2, 0, 1)
+        return images
 
     # ---------------------------------------------------------------- bad samples
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from rsk_dist.grouping import LabelGroups
 from rsk_dist.losses.gallery import check_gallery
 from rsk_dist.losses.simix import Mixing, mixing
+from rsk_dist.numerics import loss_matmul_precision
 
 DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16)
 
@@ -267,6 +268,7 @@ def recall_at_k_surrogate(
     query_shard: tuple[int, int] | None = None,
     gallery: Tensor | None = None,
     self_positive: bool = True,
+    tf32: bool = False,
 ) -> Tensor:
     """RS@k of a batch (spec §1), with SiMix virtual samples when ``simix`` (spec §2).
 
@@ -286,7 +288,8 @@ def recall_at_k_surrogate(
     queries in the whole batch: the n parts add up to the full loss, which is how workers
     share the loss (spec §4). In asymmetric RS@k a virtual query goes instead with the shard
     that holds its first real sample, so that a shard holding whole classes needs no other
-    shard's rows.
+    shard's rows. Its float32 matmuls run in full float32 on CUDA whatever torch's global
+    precision, unless ``tf32`` (faster on Ampere and later, similarities off by ~1e-3).
     """
     ks = tuple(int(v) for v in k)
     if not ks or min(ks) < 1:
@@ -343,10 +346,11 @@ def recall_at_k_surrogate(
             "the batch has no positive pair (every label is unique), so RS@k is undefined: "
             "sample at least two images per class (a class-balanced sampler does this)"
         )
-    return _RecallSurrogateFunction.apply(
-        embeddings, gallery, self_positive, mix, queries, classes, ks, float(tau1), float(tau2),
-        bool(rank_includes_query), chunk_size, normalizer,
-    )
+    with loss_matmul_precision(tf32):
+        return _RecallSurrogateFunction.apply(
+            embeddings, gallery, self_positive, mix, queries, classes, ks, float(tau1), float(tau2),
+            bool(rank_includes_query), chunk_size, normalizer,
+        )
 
 
 class RecallAtKSurrogate(nn.Module):
@@ -363,6 +367,7 @@ class RecallAtKSurrogate(nn.Module):
         chunk_size: int | None = None,
         asymmetric: bool = False,
         self_positive: bool = True,
+        tf32: bool = False,
     ) -> None:
         super().__init__()
         self.k = tuple(int(v) for v in k)
@@ -371,6 +376,7 @@ class RecallAtKSurrogate(nn.Module):
         self.rank_includes_query = rank_includes_query
         self.chunk_size = chunk_size
         self.asymmetric, self.self_positive = asymmetric, self_positive
+        self.tf32 = tf32
 
     def forward(
         self,
@@ -385,11 +391,12 @@ class RecallAtKSurrogate(nn.Module):
             embeddings, labels, k=self.k, tau1=self.tau1, tau2=self.tau2, simix=self.simix,
             rank_includes_query=self.rank_includes_query, chunk_size=self.chunk_size,
             generator=generator, query_shard=query_shard, gallery=gallery, self_positive=self.self_positive,
+            tf32=self.tf32,
         )
 
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, tau1={self.tau1}, tau2={self.tau2}, simix={self.simix}, "
-            f"rank_includes_query={self.rank_includes_query}, chunk_size={self.chunk_size}"
+            f"rank_includes_query={self.rank_includes_query}, chunk_size={self.chunk_size}, tf32={self.tf32}"
             + (f", asymmetric=True, self_positive={self.self_positive}" if self.asymmetric else "")
         )
