@@ -120,7 +120,8 @@ def main() -> None:
 
         train_model(student, loss, args.seed, args.epochs, train, teacher=teacher, on_epoch=measure)
         ours = evaluate(student, test, ks=(1,), teacher=teacher)["asymmetric_recall@1"]
-        print(f"\n{name} ({loss.extra_repr() or 'regression'}), seed {args.seed}; test set; rsk_dist's asymmetric R@1 "
+        label = f"{name}, tau2={loss.tau2}" if isinstance(loss, RecallAtKSurrogate) else name
+        print(f"\n{label}, seed {args.seed}; test set; rsk_dist's asymmetric R@1 "
               f"at the end {100 * ours:.1f}:\n")
         print(table(["epoch", "train loss", "cos(s, t)", "cos(s, mean dir)", "cos, parts orthogonal to it",
                      "asym R@1 (naive)", "sym R@1 (naive)"], curve))
