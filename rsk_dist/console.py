@@ -17,8 +17,8 @@ Fixed where each comes from, so that real errors stay visible:
 - Ray Train's own INFO lines (worker-group start) are below the run's log level, WARNING.
 - Notices repeated by many processes (botocore's "Found credentials in environment
   variables", faiss's instruction-set probing, Ray's "token authentication is enabled", Ray
-  Train's ``TrainingReport(...)`` dump per checkpoint) are demoted to DEBUG and logged once per
-  process.
+  Train's ``TrainingReport(...)`` dump per checkpoint, its controller's timed-out resource
+  request on a busy machine, with a traceback) are demoted to DEBUG and logged once per process.
 """
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ DEMOTED = {
     "aiobotocore.credentials": ("Found credentials",),
     "faiss.loader": ("",),
     "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled",),
+    # Ray Train's controller re-sends its resource request to the autoscaling coordinator every
+    # 20 s and, when one send times out (5 s, a busy CPU), logs a traceback that it calls "safe to
+    # ignore" when transient; it seldom is anything else, and the training does not depend on it.
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": (
+        "Failed to send resource request",
+    ),
 }
 
 

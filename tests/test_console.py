@@ -38,6 +38,38 @@ def test_demoted_notice_is_debug_and_once(caplog):
         logger.filters.clear()
 
 
+
+def test_ray_controllers_timed_out_resource_request_is_demoted():
+    """The logger is taken from Ray's module itself, so a renamed module fails here. Ray's
+    loggers do not propagate to the root (caplog's), so a handler sits on this one."""
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    from rsk_dist.console import install_filters
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    install_filters()
+    handler, level = Collect(), client.logger.level
+    client.logger.addHandler(handler)
+    client.logger.setLevel(logging.INFO)
+    try:
+        try:
+            raise TimeoutError("Get timed out: some object(s) not ready.")
+        except TimeoutError:
+            client.logger.warning("Failed to send resource request for train-1. If this only happens "
+                                  "transiently ...", exc_info=True)
+        client.logger.warning("another warning")
+    finally:
+        client.logger.removeHandler(handler)
+        client.logger.setLevel(level)
+    assert handler.messages == ["another warning"]
+
 def _train(tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
