@@ -114,7 +114,7 @@ def _digit_pngs(folder: Path, count: int = 30) -> list[Path]:
     return paths
 
 
-def _snippet_matches_embed(checkpoint: str, image: Path, cwd: Path, monkeypatch) -> None:
+def check_snippet_matches_embed(checkpoint: str, image: Path, cwd: Path, monkeypatch) -> None:
     """The README's loading code (torch, Pillow and numpy alone) gives ``embed``'s vector for
     ``image`` under the checkpoint's TorchScript export."""
     readme = (ROOT / "README.md").read_text()
@@ -133,7 +133,7 @@ def _snippet_matches_embed(checkpoint: str, image: Path, cwd: Path, monkeypatch)
 
 
 def test_readme_snippet_applies_the_quickstart_exports_preprocessing(quickstart, tmp_path, monkeypatch):
-    _snippet_matches_embed(str(quickstart), _digit_pngs(tmp_path / "digits", 1)[0], tmp_path / "use", monkeypatch)
+    check_snippet_matches_embed(str(quickstart), _digit_pngs(tmp_path / "digits", 1)[0], tmp_path / "use", monkeypatch)
 
 
 def _checkpoint(tmp_path: Path, data: dict, in_channels: int) -> str:
@@ -174,7 +174,7 @@ def test_image_files_get_the_test_time_transform_of_an_ingested_dataset(tmp_path
     files = model.embed([str(tmp_path / "src")])
     assert files.ids == [f"{tmp_path}/src/{i}" for i in streamed.ids]  # the ingest's ids are the paths
     assert np.array_equal(files.vectors, streamed.vectors)
-    _snippet_matches_embed(model.url, tmp_path / "src" / "class1" / "07.jpeg", tmp_path / "use", monkeypatch)
+    check_snippet_matches_embed(model.url, tmp_path / "src" / "class1" / "07.jpeg", tmp_path / "use", monkeypatch)
 
 
 def test_image_files_get_the_transform_of_an_image_folder_zip(tmp_path, monkeypatch):
@@ -192,7 +192,7 @@ def test_image_files_get_the_transform_of_an_image_folder_zip(tmp_path, monkeypa
     assert as_zip.ids[0] == f"{tmp_path}/set.zip/root/class0/00.png"
     assert np.array_equal(as_zip.vectors, expected)
     assert np.array_equal(model.embed([str(tmp_path / "src")]).vectors, expected)
-    _snippet_matches_embed(model.url, tmp_path / "src" / "class0" / "04.png", tmp_path / "use", monkeypatch)
+    check_snippet_matches_embed(model.url, tmp_path / "src" / "class0" / "04.png", tmp_path / "use", monkeypatch)
 
 
 def test_embed_and_search_refuse_what_they_cannot_use(quickstart, tmp_path, capsys):
