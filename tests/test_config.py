@@ -198,6 +198,23 @@ def test_cli_usage_errors_exit_2(capsys):
     assert exc.value.code == 2
 
 
+
+def test_cli_output_into_a_closed_pipe_ends_quietly():
+    """``rsk-dist validate ... | head -c 1``: the reader closes the pipe before the resolved config
+    is written, and the command ends with 141 (SIGPIPE's status) and no traceback."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # a reader that has already gone
+    try:
+        run = subprocess.run([sys.executable, "-m", "rsk_dist.cli", "validate", str(ROOT / "jobs" / "quickstart.yaml")],
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+    assert run.returncode == 141
+
 def test_cli_submit_bad_config_submits_nothing(capsys, monkeypatch):
     """A bad config fails before any client is made, so no address is even contacted."""
     import rsk_dist.cli.jobs as cli

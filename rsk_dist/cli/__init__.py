@@ -31,6 +31,7 @@ export-index, embed, search), on the shared pieces of :mod:`~rsk_dist.cli.common
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -74,3 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Terminated:  # its handler has said so
         return 143
+    except BrokenPipeError:
+        # The reader went away (``rsk-dist search ... | head``): end quietly, as Unix tools do.
+        # stdout is pointed at /dev/null so that the interpreter's own flush at exit finds no pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
