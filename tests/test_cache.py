@@ -87,8 +87,18 @@ warm(torch.arange(len(warm)))  # every module imported and the decoders started,
 if sys.argv[3] == "full":
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # larger files fail with EFBIG, as on a full disk
-elif os.geteuid() == 0:  # root writes anywhere: go on as nobody, as a job's user would
-    os.setgid(65534); os.setuid(65534)
+elif os.geteuid() == 0:
+    # Root writes anywhere: drop the capabilities that let it (CAP_DAC_OVERRIDE, _READ_SEARCH),
+    # so the directory's mode applies, as it does to a job's user. Switching to another user
+    # instead would lose the venv too where it sits in a 0700 directory (CI's mktemp -d).
+    import ctypes
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable, for bits 0-31 and 32-63
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.capget(header, data) == 0, os.strerror(ctypes.get_errno())
+    for i in (0, 1):
+        data[i] &= ~0b110  # bit 1 CAP_DAC_OVERRIDE, bit 2 CAP_DAC_READ_SEARCH
+    assert libc.capset(header, data) == 0, os.strerror(ctypes.get_errno())
 src = ShardSource(sys.argv[1], None, image_size=16, train=False, cache_dir=sys.argv[2])
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
