@@ -21,7 +21,8 @@ chunks of ``--resnet50-chunk``. ``--autocast bf16`` runs both forwards under aut
 Asymmetric (``--models asymmetric``): the study's student (small CNN of width ``STUDENT_WIDTH``)
 trained alone (symmetric RS@k) beside the same student against a frozen teacher (width
 ``TEACHER_WIDTH``, asymmetric RS@k): the step's time and memory, and the teacher's forward alone,
-at ``--asymmetric-sizes``. Then the bytes a worker receives per step for the loss in sharded
+at ``--asymmetric-sizes``; and the asymmetric step with every sample's teacher embedding cached
+(``teacher.cache_embeddings``, unaugmented data: after the first epoch no teacher forward runs). Then the bytes a worker receives per step for the loss in sharded
 mode (the parameter gradients' all-reduce is the same in both): symmetric, the other workers'
 embeddings and the gradient exchange; asymmetric, the other workers' teacher rows only (without
 SiMix, or with SiMix when no class is split between workers; tests/test_distributed.py checks
@@ -46,7 +47,7 @@ from bench.measure import in_subprocess, machine, measure, table  # noqa: E402
 from rsk_dist.engine import LargeBatchStep  # noqa: E402
 from rsk_dist.losses import RecallAtKSurrogate  # noqa: E402
 from rsk_dist.models import build_model  # noqa: E402
-from rsk_dist.teacher import freeze  # noqa: E402
+from rsk_dist.teacher import TeacherCache, freeze  # noqa: E402
 
 PER_CLASS, TAU2 = 4, 0.003
 # name: (embedding dim, channels, image size)
@@ -58,16 +59,21 @@ AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def run_case(impl: str, name: str, n: int, chunk: int, device: str, repeats: int, autocast: str) -> dict:
     torch.manual_seed(0)
     dim, channels, size = MODELS[name]
-    # student, asymmetric, teacher: the asymmetric comparison (small CNN widths of the study)
-    width = {"student": STUDENT_WIDTH, "asymmetric": STUDENT_WIDTH, "teacher": TEACHER_WIDTH}.get(impl)
+    # student, asymmetric, cached, teacher: the asymmetric comparison (small CNN widths of the study)
+    width = {"student": STUDENT_WIDTH, "asymmetric": STUDENT_WIDTH, "cached": STUDENT_WIDTH, "teacher": TEACHER_WIDTH}.get(impl)
     model = build_model(name, dim=dim, in_channels=channels, width=width).to(device)
-    teacher = freeze(build_model(name, dim=dim, in_channels=channels, width=TEACHER_WIDTH).to(device)) if impl == "asymmetric" else None
+    with_teacher = impl in ("asymmetric", "cached")
+    teacher = freeze(build_model(name, dim=dim, in_channels=channels, width=TEACHER_WIDTH).to(device)) if with_teacher else None
     loss = RecallAtKSurrogate(tau2=TAU2, asymmetric=teacher is not None)
     # Created before measure() takes its baseline: the batch's pixels are an input, not a cost.
     images = torch.rand(n, channels, size, size, device=device)
     labels = torch.arange(n // PER_CLASS, device=device).repeat_interleave(PER_CLASS)
     dtype = AUTOCAST[autocast]
-    two_pass = LargeBatchStep(model, loss, chunk_size=chunk, autocast_dtype=dtype, teacher=teacher)
+    cache = TeacherCache(n) if impl == "cached" else None
+    two_pass = LargeBatchStep(model, loss, chunk_size=chunk, autocast_dtype=dtype, teacher=teacher, teacher_cache=cache)
+    ids = torch.arange(n)
+    if cache is not None:  # the first epoch, which embeds every sample once (the cache then holds N x d floats)
+        two_pass.embed_teacher(images, ids)
 
     def run(x: torch.Tensor = images, y: torch.Tensor = labels) -> None:
         model.zero_grad(set_to_none=True)
@@ -75,8 +81,8 @@ def run_case(impl: str, name: str, n: int, chunk: int, device: str, repeats: int
             freeze(model)
             two_pass.teacher = model
             two_pass.embed_teacher(x)
-        elif impl in ("two-pass", "student", "asymmetric"):
-            two_pass.step(x, y)
+        elif impl in ("two-pass", "student", "asymmetric", "cached"):
+            two_pass.step(x, y, ids=ids[: len(x)])
         else:
             with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 embeddings = model(x)
@@ -164,18 +170,20 @@ def asymmetric_tables(args: argparse.Namespace) -> None:
     rows = []
     for n in args.asymmetric_sizes:
         case = ["small_cnn", str(n), str(args.chunk), args.device, str(args.repeats), args.autocast]
-        alone, asym, teacher = (in_subprocess(__file__, [impl, *case]) for impl in ("student", "asymmetric", "teacher"))
-        if any("error" in r for r in (alone, asym, teacher)):
-            rows.append([str(n), *(r.get("error", "ok") for r in (alone, asym, teacher)), "-", "-"])
+        runs = [in_subprocess(__file__, [impl, *case]) for impl in ("student", "asymmetric", "teacher", "cached")]
+        if any("error" in r for r in runs):
+            rows.append([str(n), *(r.get("error", "ok") for r in runs), "-", "-", "-"])
             continue
-        rows.append([str(n), f"{alone['seconds']:.3f}", f"{asym['seconds']:.3f}", f"{teacher['seconds']:.3f}",
-                     f"{asym['seconds'] / alone['seconds']:.2f}x", f"{alone['peak_growth_mb']:.0f} / {asym['peak_growth_mb']:.0f}"])
+        alone, asym, teacher, cached = runs
+        rows.append([str(n), *(f"{r['seconds']:.3f}" for r in runs), f"{asym['seconds'] / alone['seconds']:.2f}x",
+                     f"{cached['seconds'] / alone['seconds']:.2f}x",
+                     " / ".join(f"{r['peak_growth_mb']:.0f}" for r in (alone, asym, cached))])
         print(f"done asymmetric N={n}", file=sys.stderr)
     dim, channels, size = MODELS["small_cnn"]
     print(f"Asymmetric step, student small_cnn width {STUDENT_WIDTH} against a frozen teacher of width {TEACHER_WIDTH}, "
           f"dim {dim}, {channels}x{size}x{size}, RS@k tau2={TAU2}, two-pass chunk {args.chunk}, device {args.device}: {machine()}\n")
-    print(table(["batch", "student alone s/step", "asymmetric s/step", "teacher forward s", "time ratio (asymmetric / alone)",
-                 "MB alone / asymmetric"], rows))
+    print(table(["batch", "student alone s/step", "asymmetric s/step", "teacher forward s", "asymmetric, cached teacher s/step",
+                 "time ratio (asymmetric / alone)", "time ratio (cached / alone)", "MB alone / asymmetric / cached"], rows))
     n = max(args.asymmetric_sizes)
     rows = []
     for w in (2, 4, 8):

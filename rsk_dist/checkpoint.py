@@ -200,11 +200,13 @@ def checkpoint_name(epoch: int, step: int) -> str:
 def load_model(url: str, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
     """The embedding model of a checkpoint, in eval mode, and its job config."""
     from rsk_dist.models import build_model
+    from rsk_dist.teacher import map_dim, with_teacher_map
 
     state = load_state(url, map_location)
     config = state_config(state, url)
     m = config.model
     model = build_model(m.name, dim=m.dim, pooling=m.pooling, pretrained=False, in_channels=m.in_channels,
                         dropout=m.dropout, freeze_bn=m.freeze_bn, width=m.width)
+    model = with_teacher_map(model, config, map_dim(state["model"]))
     model.load_state_dict(state["model"])
     return model.eval(), config

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from rsk_dist.models import MODEL_NAMES
 from rsk_dist.sampler import SamplerMode
 from rsk_dist.storage.credentials import redact, refuse_credentials
+from rsk_dist.teacher import check_dims
 
 Url = Annotated[str, AfterValidator(refuse_credentials)]  # any fsspec URL or local path
 
@@ -223,16 +224,23 @@ class RunConfig(Section):
 
 class TeacherConfig(Section):
     """The frozen teacher of an asymmetric loss: an rsk_dist ``checkpoint`` (any URL; its model),
+    an ``export`` (a TorchScript file of ``rsk-dist export``, its ``.preprocess.json`` beside it),
     or a ``model`` built here, a torchvision backbone whose ``pretrained`` is a local state-dict
-    file (its head then a fixed random projection, the same on every worker)."""
+    file (its head then a fixed random projection, the same on every worker). ``map: linear``
+    declares a learned linear map from the student's ``model.dim`` into the teacher's space
+    (needed when the dims differ). ``cache_embeddings`` embeds each sample with the teacher once
+    (its view must not be augmented: ``data.augment: false``)."""
 
     checkpoint: Url | None = None
+    export: Url | None = None
     model: ModelConfig | None = None
+    map: Literal["none", "linear"] = "none"
+    cache_embeddings: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
-        if (self.checkpoint is None) == (self.model is None):
-            raise ValueError("a teacher is either a checkpoint or a model, exactly one of them")
+        if sum(x is not None for x in (self.checkpoint, self.export, self.model)) != 1:
+            raise ValueError("a teacher is a checkpoint, an export or a model: exactly one of them")
         if self.model is not None and not isinstance(self.model.pretrained, str):
             raise ValueError("teacher.model.pretrained must be a local state-dict file: a teacher is trained already")
         return self
@@ -251,27 +259,27 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _check_teacher(self) -> JobConfig:
-        if self.loss.asymmetric != (self.teacher is not None):
+        t = self.teacher
+        if self.loss.asymmetric != (t is not None):
             raise ValueError(
-                "loss.asymmetric: true needs a teacher section (teacher.checkpoint or teacher.model)"
+                "loss.asymmetric: true needs a teacher section (teacher.checkpoint, teacher.export or teacher.model)"
                 if self.loss.asymmetric else "a teacher is used by asymmetric losses only: set loss.asymmetric: true"
             )
-        if self.teacher is not None and self.teacher.model is not None:
-            check_teacher_fits(self.teacher.model, self.model)
-        if self.teacher is not None and self.model.dtype != "float32":
+        if t is None:
+            return self
+        if t.model is not None:
+            if t.map != "linear":
+                check_dims(t.model.dim, self.model.dim)
+            if t.model.in_channels != self.model.in_channels:
+                raise ValueError(f"the teacher reads {t.model.in_channels}-channel images but model.in_channels is {self.model.in_channels}")
+        if self.model.dtype != "float32":
             raise ValueError("model.dtype float64 (for exactness checks) is not supported with a teacher: use float32")
+        if t.cache_embeddings and self.data.augment:
+            raise ValueError(
+                "teacher.cache_embeddings keeps one teacher embedding per sample, which holds only when the teacher sees "
+                "each sample the same way every time: set data.augment: false, or cache_embeddings: false"
+            )
         return self
-
-
-def check_teacher_fits(teacher: ModelConfig, student: ModelConfig) -> None:
-    """Raises unless the student's embeddings live where the teacher's do and both read the same images."""
-    if teacher.dim != student.dim:
-        raise ValueError(
-            f"the teacher's embeddings are {teacher.dim}-d but model.dim is {student.dim}: set model.dim: {teacher.dim} "
-            "(the student's head is the learned linear map into the teacher's space)"
-        )
-    if teacher.in_channels != student.in_channels:
-        raise ValueError(f"the teacher reads {teacher.in_channels}-channel images but model.in_channels is {student.in_channels}")
 
 
 # What a resumed run may not change without --allow-config-change: the fields that change the
@@ -281,7 +289,7 @@ MATHS_SECTIONS = ("model", "teacher", "loss", "data", "sampler", "optim")
 MATHS_FIELDS = ("train.steps_per_epoch", "train.autocast", "train.tf32")
 NOT_MATHS = (
     "data.eval", "data.prefetch_steps", "data.cache_dir", "data.cache_max_bytes", "data.read_concurrency", "data.merge_gap",
-    "data.decoders", "model.compile", "model.channels_last",
+    "data.decoders", "model.compile", "model.channels_last", "teacher.cache_embeddings",
 )
 
 
@@ -379,7 +387,7 @@ def local_absolute(url: str | None) -> str | None:
 
 
 def absolutize_paths(config: JobConfig) -> JobConfig:
-    """The config with its local data, storage, resume and teacher paths absolute (see :func:`local_absolute`)."""
+    """The config with its local data, storage, resume, state-dict and teacher paths absolute (see :func:`local_absolute`)."""
     data = config.data
     sources = {
         name: spec.model_copy(update={"url": local_absolute(spec.url)})
@@ -392,8 +400,13 @@ def absolutize_paths(config: JobConfig) -> JobConfig:
     updates = {"run": run}
     if sources or data.cache_dir:
         updates["data"] = data.model_copy(update={**sources, "cache_dir": local_absolute(data.cache_dir)})
-    if config.teacher is not None and config.teacher.checkpoint:
-        updates["teacher"] = config.teacher.model_copy(update={"checkpoint": local_absolute(config.teacher.checkpoint)})
+    if isinstance(config.model.pretrained, str):
+        updates["model"] = config.model.model_copy(update={"pretrained": local_absolute(config.model.pretrained)})
+    if (t := config.teacher) is not None:
+        backbone = t.model and t.model.model_copy(update={"pretrained": local_absolute(t.model.pretrained)})
+        updates["teacher"] = t.model_copy(update={
+            "checkpoint": local_absolute(t.checkpoint), "export": local_absolute(t.export), "model": backbone,
+        })
     return config.model_copy(update=updates)
 
 

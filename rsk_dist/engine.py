@@ -18,7 +18,9 @@ recompiling for the ragged chunk (which differs between workers when W does not 
 
 Asymmetric training adds a frozen ``teacher``: one more forward of the batch, chunked, without a
 graph, under the same autocast; its embeddings are the gallery the loss's queries rank
-(``loss_fn(..., gallery=...)``). It gets no gradient, so it needs no second pass.
+(``loss_fn(..., gallery=...)``). It gets no gradient, so it needs no second pass. With a
+``teacher_cache`` (rsk_dist.teacher.TeacherCache) and the batch's sample ``ids``, only the
+samples it has not embedded before are run through it.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 
 from rsk_dist.clock import Clock
 from rsk_dist.models import is_compiled, warn_if_batchnorm_updates
+from rsk_dist.teacher import TeacherCache
 
 LossFn = Callable[..., Tensor]
 
@@ -88,6 +91,7 @@ class LargeBatchStep:
         teacher: nn.Module | None = None,
         normalize: Callable[[Tensor], Tensor] | None = None,
         clock: Clock | None = None,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -101,6 +105,7 @@ class LargeBatchStep:
         self.normalize = normalize
         self.clock = clock or Clock(self.device)
         self.teacher = teacher
+        self.teacher_cache = teacher_cache
         warn_if_batchnorm_updates(model)
 
     @property
@@ -141,8 +146,16 @@ class LargeBatchStep:
         return torch.cat(outputs), states
 
     @torch.no_grad()
-    def embed_teacher(self, images: Tensor) -> Tensor:
-        """The teacher's embeddings of all chunks: the gallery of asymmetric losses."""
+    def embed_teacher(self, images: Tensor, ids: Tensor | None = None) -> Tensor:
+        """The teacher's embeddings of all chunks: the gallery of asymmetric losses (from the
+        ``teacher_cache`` where it holds the samples ``ids``)."""
+        if self.teacher_cache is not None:
+            if ids is None:
+                raise ValueError("a teacher cache needs the batch's sample ids: step(images, labels, generator, ids=...)")
+            return self.teacher_cache.gallery(ids, images, self._embed_with_teacher, self.device)
+        return self._embed_with_teacher(images)
+
+    def _embed_with_teacher(self, images: Tensor) -> Tensor:
         chunks, rows = self._chunks(images, self.teacher)
         return torch.cat([self._forward(chunk, rows, self.teacher) for chunk in chunks])
 
@@ -169,9 +182,10 @@ class LargeBatchStep:
             out.backward(chunk_grad)
 
     def step(
-        self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
+        self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None, ids: Tensor | None = None,
     ) -> StepResult:
-        """Both passes; ``timings`` are the seconds of ``embed_s``, ``loss_s``, ``backward_s``
+        """Both passes; ``ids``: the batch's sample indices, which a teacher cache needs.
+        ``timings`` are the seconds of ``embed_s``, ``loss_s``, ``backward_s``
         (``teacher_s`` with a teacher, and ``comm_s`` of a loss sharing the clock). A caller that
         started the clock (the training loop, which also times data and the optimizer) reads the
         record from it."""
@@ -180,7 +194,7 @@ class LargeBatchStep:
             self.clock.start()
         gallery = None
         if self.teacher is not None:
-            gallery = self.embed_teacher(images)
+            gallery = self.embed_teacher(images, ids)
             self.clock.mark("teacher")
         embeddings, states = self.embed(images)
         self.clock.mark("embed")

@@ -116,6 +116,30 @@ def load_gallery(url: str) -> Embeddings:
                       Preprocess.from_json(json.dumps(meta["preprocess"])), meta["class_names"])
 
 
+def load_export(url: str, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, Preprocess]:
+    """A TorchScript export (``rsk-dist export``) on ``device``, in eval mode, and the
+    preprocessing record beside it."""
+    if url.endswith(".onnx"):
+        raise ValueError(
+            f"{redact(url)} is an ONNX export: rsk-dist runs checkpoints and TorchScript exports; run "
+            f"an ONNX export with onnxruntime and its {RECORD_SUFFIX} (README, 'Use your model')"
+        )
+    try:
+        record = _read(url + RECORD_SUFFIX).decode()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{redact(url)}{RECORD_SUFFIX} is missing: the export's preprocessing record; export the "
+            "checkpoint again (rsk-dist export writes it), or pass the checkpoint"
+        ) from None
+    try:
+        preprocess = Preprocess.from_json(record)
+    except ValueError as err:
+        raise ValueError(f"{redact(url)}{RECORD_SUFFIX}: {err}; export the checkpoint again") from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", JIT_DEPRECATED, FutureWarning)
+        return torch.jit.load(io.BytesIO(_read(url)), map_location=device).eval(), preprocess
+
+
 class EmbeddingModel:
     """A checkpoint or a TorchScript export on ``device``, with its preprocessing."""
 
@@ -140,25 +164,7 @@ class EmbeddingModel:
             self.preprocess = Preprocess.for_config(self.config)
             self.chunk_size = self.config.train.chunk_size
             return
-        if url.endswith(".onnx"):
-            raise ValueError(
-                f"{redact(url)} is an ONNX export: embed and search run checkpoints and TorchScript exports; run "
-                f"an ONNX export with onnxruntime and its {RECORD_SUFFIX} (README, 'Use your model')"
-            )
-        try:
-            record = _read(url + RECORD_SUFFIX).decode()
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{redact(url)}{RECORD_SUFFIX} is missing: the export's preprocessing record; export the "
-                "checkpoint again (rsk-dist export writes it), or pass the checkpoint"
-            ) from None
-        try:
-            self.preprocess = Preprocess.from_json(record)
-        except ValueError as err:
-            raise ValueError(f"{redact(url)}{RECORD_SUFFIX}: {err}; export the checkpoint again") from None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", JIT_DEPRECATED, FutureWarning)
-            self.module = torch.jit.load(io.BytesIO(_read(url)), map_location=self.device).eval()
+        self.module, self.preprocess = load_export(url, self.device)
         self.chunk_size = DEFAULT_CHUNK
 
     def embed(self, inputs: Sequence[str | DataSource]) -> Embeddings:

@@ -37,10 +37,11 @@ def train_step(
     torch.manual_seed(sampler.worker_seed(epoch, step_in_epoch, rank))
     clock = step.clock  # every phase boundary through it: on CUDA, each waits for the device
     clock.start()
-    images, labels = fetch(sampler.shard(epoch, step_in_epoch, rank, world), sampler.augment_key(epoch, step_in_epoch))
+    indices = sampler.shard(epoch, step_in_epoch, rank, world)
+    images, labels = fetch(indices, sampler.augment_key(epoch, step_in_epoch))
     clock.mark("data")
     optimizer.zero_grad(set_to_none=True)
-    result = step.step(images, labels, generator=sampler.mixing_generator(epoch, step_in_epoch))
+    result = step.step(images, labels, generator=sampler.mixing_generator(epoch, step_in_epoch), ids=indices)
     grad_bytes = sum_gradients(step.model, group)
     clock.mark("comm")
     stepped = step.optimizer_step(optimizer)
@@ -57,6 +58,8 @@ def train_step(
         "loss_s": s["loss"],
         "backward_s": s["backward"],
         **({"teacher_s": s["teacher"]} if "teacher" in s else {}),
+        # the share of this worker's rows whose teacher embedding was cached
+        **({"teacher_cached": step.teacher_cache.last_hit_rate} if step.teacher_cache is not None else {}),
         "comm_s": s["comm"],  # the loss's exchange of embeddings too, when it shares the clock
         "optimizer_s": s["optimizer"],
         "step_s": s["total"],

@@ -1,6 +1,7 @@
 """What the driver checks about a job's data before any worker starts (``validate`` and
 ``train`` both run it): the data URLs exist and hold what the config names (the split, classes
-left after ``exclude_classes``), and the training data can fill the global batch. Each
+left after ``exclude_classes``), the training data can fill the global batch, and a teacher
+loads and fits the student and its data (:func:`rsk_dist.teacher.check_teacher`). Each
 failure names the field and the fix; the config's value ranges are checked by its models."""
 from __future__ import annotations
 
@@ -66,4 +67,8 @@ def check_data(config: JobConfig) -> str | None:
                     f"{s.samples_per_class} images, but data.train ({where}) has {usable}: lower "
                     "sampler.batch_size or sampler.samples_per_class"
                 )
+    if config.teacher is not None:
+        from rsk_dist.teacher import check_teacher, load_teacher
+
+        check_teacher(config, *load_teacher(config.teacher))
     return fingerprint

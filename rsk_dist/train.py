@@ -31,7 +31,7 @@ from rsk_dist.checkpoint import (
 )
 from rsk_dist.clock import Clock
 from rsk_dist.config import (
-    DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, check_teacher_fits, local_absolute,
+    DataConfig, DataSource, JobConfig, LossConfig, OptimConfig, absolutize_paths, local_absolute,
 )
 from rsk_dist.console import duration
 from rsk_dist.data.feeder import Feeder
@@ -48,7 +48,7 @@ from rsk_dist.monitor import RunMonitor
 from rsk_dist.preemption import CheckpointSchedule, Preempted
 from rsk_dist.sampler import ClassBalancedSampler
 from rsk_dist.storage import join
-from rsk_dist.teacher import load_teacher, teacher_model_config
+from rsk_dist.teacher import TeacherCache, check_teacher, load_teacher, with_teacher_map
 
 if TYPE_CHECKING:  # Ray is imported where it is used: importing this module stays light
     import ray.train
@@ -166,16 +166,20 @@ class Trainer:
         self.config, self.device = config, device
         c = config
         numerics.configure(c.train.deterministic, c.train.tf32)  # before any CUDA work of the model
+        # Frozen: it is in no optimizer, gets no gradient and stays in eval mode (rsk_dist.teacher).
+        self.teacher, teacher_dim = None, None
+        if c.teacher is not None:
+            self.teacher, preprocess = load_teacher(c.teacher, device)
+            teacher_dim = check_teacher(c, self.teacher, preprocess)
         torch.manual_seed(c.sampler.seed)  # the same initial weights on every worker
-        self.model = build_model(
+        student = build_model(
             c.model.name, dim=c.model.dim, pooling=c.model.pooling, pretrained=c.model.pretrained,
             in_channels=c.model.in_channels, dropout=c.model.dropout, freeze_bn=c.model.freeze_bn,
             channels_last=c.model.channels_last, compile=c.model.compile, width=c.model.width,
-        ).to(device, DTYPE[c.model.dtype])
+        )
+        self.model = with_teacher_map(student, c, teacher_dim).to(device, DTYPE[c.model.dtype])
         clock = Clock(device)  # one for the step's phases and the loss's communication
         self.loss = build_loss(c.loss, clock)
-        # Frozen: it is in no optimizer, gets no gradient and stays in eval mode (rsk_dist.teacher).
-        self.teacher = load_teacher(c.teacher, device) if c.teacher is not None else None
         self.optimizer, self.scheduler = build_optimizer(c.optim, self.model)
         cpus = c.scaling.cpus_per_worker
         dtype = DTYPE[c.model.dtype]
@@ -190,9 +194,10 @@ class Trainer:
         )
         self.steps_per_epoch = c.train.steps_per_epoch or self.sampler.steps_per_epoch
         scaler = torch.amp.GradScaler(device.type) if c.train.autocast == "fp16" else None
+        cache = TeacherCache(len(self.train_data.labels)) if c.teacher is not None and c.teacher.cache_embeddings else None
         self.step = LargeBatchStep(
             self.model, self.loss, c.train.chunk_size, AUTOCAST[c.train.autocast], scaler, self.teacher,
-            normalize=self.train_data.normalize, clock=clock,
+            normalize=self.train_data.normalize, clock=clock, teacher_cache=cache,
         )
         # Progress: epochs done, steps done in the next one and their losses (for its summary).
         self.epoch, self.step_in_epoch, self.losses, self.history, self.best = 0, 0, [], [], -math.inf
@@ -434,7 +439,7 @@ def evaluate_checkpoint(
     """Retrieval metrics of a checkpoint's model on ``data``, on this machine's ``device``. ``protocol``:
     ``all`` (every image queries all others), ``vehicleid`` (one image per identity is the
     gallery, the rest query it) or ``revisited`` (``queries`` against the ``data`` gallery,
-    medium/hard mAP from ``ground_truth``). ``gallery_model``: a teacher's checkpoint, whose
+    medium/hard mAP from ``ground_truth``). ``gallery_model``: a teacher's checkpoint or export, whose
     embeddings are the gallery of asymmetric retrieval (protocol ``all``): metrics in the three
     settings of :func:`rsk_dist.evaluate.three_settings`, each model with its own preprocessing."""
     model, config = load_model(checkpoint_url)
@@ -446,10 +451,11 @@ def evaluate_checkpoint(
     if gallery_model is not None:
         if protocol != "all":
             raise ValueError(f"--gallery-model evaluates with protocol all, not {protocol!r}")
-        teacher, teacher_config = load_model(gallery_model)
-        teacher.to(device)
+        from rsk_dist.index import EmbeddingModel
+
         student_emb, labels = embed(data)
-        return three_settings(student_emb, embed_with_checkpoint(teacher, teacher_config, data, image_size)[0], labels, ks)
+        gallery = EmbeddingModel(gallery_model, device, image_size).embed([data]).vectors
+        return three_settings(student_emb, torch.from_numpy(gallery).to(student_emb.device), labels, ks)
     if protocol == "all":
         return retrieval_metrics(*embed(data), ks=ks)
     if protocol == "vehicleid":
@@ -551,10 +557,8 @@ def fit(
     preflight(config.run.storage_path, need_index=False, writable=True)
     lease = RunLease(join(config.run.storage_path, config.run.name))
     lease.refuse_if_held()  # "another job runs it" first: its checkpoints would fail the next check
-    # Refuses a bad checkpoint or config change, or a teacher that does not fit, before any worker starts.
+    # Refuses a bad checkpoint or config change before any worker starts (check_data: a teacher that does not fit).
     check_resume(config, resume_from, allow_config_change, fingerprint)
-    if config.teacher is not None:
-        check_teacher_fits(teacher_model_config(config.teacher), config.model)
     with lease:
         return _fit(config, address, resume_from, allow_config_change, lease.holder)
 

@@ -11,7 +11,7 @@ from rsk_dist.engine import LargeBatchStep
 from rsk_dist.evaluate import evaluate
 from rsk_dist.losses import MetricLearningLoss, RecallAtKSurrogate, Regression
 from rsk_dist.models import build_model
-from rsk_dist.teacher import freeze, load_teacher
+from rsk_dist.teacher import TeacherCache, freeze, load_teacher
 from rsk_dist.train import Trainer, fit
 
 
@@ -99,7 +99,7 @@ def test_training_leaves_the_teacher_bit_for_bit_unchanged_and_evaluates_three_s
     assert not trainer.teacher.training
     assert any(not torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items()), "the student trains"
     metrics = reports[-1]
-    teacher = load_teacher(load_config(tree).teacher)
+    teacher, _ = load_teacher(load_config(tree).teacher)
     expected = evaluate(trainer.model, trainer.eval_data, ks=(1, 2, 4, 8), chunk_size=16, teacher=teacher)
     for key in ("recall@1", "map@r", "asymmetric_recall@1", "asymmetric_map@r", "teacher_recall@1", "teacher_map@r"):
         assert metrics[key] == expected[key], key
@@ -136,7 +136,136 @@ def test_a_backbone_teacher_from_a_local_state_dict_is_the_same_on_every_load(tm
     torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
     model = {"name": "small_cnn", "in_channels": 1, "dim": 32, "width": 16, "pretrained": str(tmp_path / "backbone.pt")}
     config = load_config(job(tmp_path, loss__asymmetric=True, teacher__model=model)).teacher
-    a, b = load_teacher(config), load_teacher(config)
+    (a, _), (b, _) = load_teacher(config), load_teacher(config)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     assert torch.equal(a.backbone.state_dict()["features.0.weight"], backbone.state_dict()["features.0.weight"])
+
+
+class CountingNet(Net):
+    """A teacher that counts the rows it embeds."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.rows = 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return super().forward(x)
+
+
+def test_the_teacher_cache_embeds_each_sample_once_and_changes_nothing():
+    torch.manual_seed(0)
+    student, teacher = Net(16).double(), freeze(CountingNet(24).double())
+    images = torch.randn(30, 12, dtype=torch.float64)  # sample i's (unaugmented) image
+    labels = torch.tensor([i % 6 for i in range(30)])
+    loss = RecallAtKSurrogate(k=(1, 2), tau2=0.05, simix=True, asymmetric=True)
+    cached = LargeBatchStep(student, loss, chunk_size=7, teacher=teacher, teacher_cache=TeacherCache(30))
+    plain = LargeBatchStep(student, loss, chunk_size=7, teacher=teacher)
+    embedded = []
+    for ids in (torch.arange(0, 20), torch.arange(10, 30), torch.tensor([3, 29, 3, 17, 0, 8, 25, 11])):
+        before = teacher.rows
+        got = cached.embed_teacher(images[ids], ids)
+        embedded.append(teacher.rows - before)
+        torch.testing.assert_close(got, teacher(images[ids]), rtol=0, atol=1e-15)
+        # The step's gradient with the cache is the gradient without it.
+        grads = []
+        for step in (cached, plain):
+            student.zero_grad()
+            torch.manual_seed(1)
+            step.step(images[ids], labels[ids], torch.Generator().manual_seed(2), ids=ids)
+            grads.append([p.grad.clone() for p in student.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    assert embedded == [20, 10, 0]  # new samples only, then none
+    assert cached.teacher_cache.last_hit_rate == 1.0
+    with pytest.raises(ValueError, match="needs the batch's sample ids"):
+        cached.step(images, labels)
+
+
+def test_a_student_maps_into_a_wider_teacher_only_when_declared(tmp_path):
+    wide = {"name": "small_cnn", "in_channels": 1, "dim": 48, "pretrained": "/y"}
+    with pytest.raises(ConfigError, match="48-d but model.dim is 32: set model.dim: 48 .* or declare teacher.map: linear"):
+        load_config(job(tmp_path, loss__asymmetric=True, teacher__model=wide))
+    config = load_config(job(tmp_path, loss__asymmetric=True, teacher__model=wide, teacher__map="linear"))
+    assert config.teacher.map == "linear"
+    with pytest.raises(ConfigError, match="a checkpoint, an export or a model: exactly one"):
+        load_config(job(tmp_path, loss__asymmetric=True, teacher__checkpoint="/x", teacher__export="/y.pt"))
+    with pytest.raises(ConfigError, match="cache_embeddings .* set data.augment: false"):
+        load_config(job(tmp_path, loss__asymmetric=True, teacher__checkpoint="/x", teacher__cache_embeddings=True))
+
+
+def export_teacher(tmp_path, dim: int) -> str:
+    """A teacher checkpoint exported as TorchScript by ``rsk-dist export`` (with its preprocessing record)."""
+    from rsk_dist.cli import main
+
+    url, _ = teacher_checkpoint(tmp_path, dim=dim)
+    out = str(tmp_path / "teacher.pt")
+    assert main(["export", url, out, "--format", "torchscript"]) == 0
+    return out
+
+
+def test_a_student_learns_a_map_into_an_exported_teachers_space_with_cached_teacher_embeddings(tmp_path, capsys):
+    from rsk_dist.checkpoint import load_model
+    from rsk_dist.cli import main
+    from rsk_dist.index import load_export
+    from rsk_dist.teacher import TeacherSpaceMap
+
+    export = export_teacher(tmp_path, dim=48)
+    exported, _ = load_export(export)
+    saved = {k: v.clone() for k, v in exported.state_dict().items()}
+    tree = job(tmp_path, teacher__export=export, teacher__map="linear", teacher__cache_embeddings=True, data__augment=False)
+    tree["loss"]["asymmetric"] = True
+    tree["train"].update(epochs=2, eval_every=1)
+    trainer = Trainer(load_config(tree), torch.device("cpu"))
+    assert isinstance(trainer.model, TeacherSpaceMap) and trainer.model.map.weight.shape == (48, 32)
+    reports = []
+    trainer.run(lambda metrics, state: reports.append((metrics, state)))
+    for name, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    trainer.teacher.train()
+    assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
+    # Each sample in the first step was embedded by the teacher once; later batches reuse them.
+    cache = trainer.step.teacher_cache
+    assert cache.hits > 0 and cache.misses == int(cache.known.sum()) <= len(trainer.train_data.labels)
+    metrics, state = reports[-1]
+    assert {"asymmetric_recall@1", "teacher_recall@1", "recall@1"} <= metrics.keys()
+    # The student's checkpoint loads with its map, and exports to teacher-dim embeddings.
+    ckpt = tmp_path / "student"
+    save_state(ckpt, state)
+    model, _ = load_model(str(ckpt))
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 48)
+    capsys.readouterr()
+    assert main(["export", str(ckpt), str(tmp_path / "student.pt"), "--format", "torchscript"]) == 0
+    assert "(48-d," in capsys.readouterr().out
+    student, _ = load_export(str(tmp_path / "student.pt"))
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(student(x), model(x), rtol=0, atol=1e-6)
+    # eval --gallery-model takes the teacher's export as it takes its checkpoint.
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "--data", "digits:test", "--gallery-model", export]) == 0
+    shown = capsys.readouterr().out
+    for key in ("recall@1", "asymmetric_recall@1", "teacher_recall@1", "teacher_map@r"):
+        assert key in shown, key
+
+
+def test_a_teacher_that_does_not_fit_the_job_is_refused_before_any_worker_starts(tmp_path):
+    import json
+
+    import ray
+
+    from rsk_dist.prestart import check_data
+
+    export = export_teacher(tmp_path, dim=16)
+    config = load_config(job(tmp_path, loss__asymmetric=True, teacher__export=export))
+    with pytest.raises(ValueError, match="16-d but model.dim is 32: set model.dim: 16 .* teacher.map: linear"):
+        fit(config)
+    assert not ray.is_initialized()
+    record = json.loads((tmp_path / "teacher.pt.preprocess.json").read_text())
+    (tmp_path / "teacher.pt.preprocess.json").write_text(json.dumps({**record, "invert": True}))
+    config = load_config(job(tmp_path, loss__asymmetric=True, teacher__export=export, teacher__map="linear"))
+    with pytest.raises(ValueError, match="prepared otherwise than this job's: it expects .*invert True.* gives .*invert False"):
+        check_data(config)
+    (tmp_path / "teacher.pt.preprocess.json").unlink()
+    with pytest.raises(FileNotFoundError, match="preprocess.json is missing"):
+        check_data(config)

@@ -52,6 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", JIT_DEPRECATED, FutureWarning)  # the user chose TorchScript
+        dim = model.module(example).shape[-1]  # model.dim, or a teacher's through a learned map
         if args.format == "torchscript":
             traced = torch.jit.trace(model.module, example)
             torch.jit.save(traced, buffer)
@@ -68,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     with open_out(args.out + RECORD_SUFFIX) as f:
         f.write(pre.to_json().encode())
     print(
-        f"exported {model.config.model.name} ({model.config.model.dim}-d, input N x {example.shape[1]} x "
+        f"exported {model.config.model.name} ({dim}-d, input N x {example.shape[1]} x "
         f"{example.shape[2]} x {example.shape[3]}) as {args.format} to {redact(args.out)}"
     )
     print(f"its preprocessing (README, 'Use your model') in {redact(args.out)}{RECORD_SUFFIX}")
@@ -172,8 +173,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "revisited: --queries against the --data gallery, Revisited Oxford/Paris mAP")
     p.add_argument("--queries", metavar="KIND:URL[:SPLIT]", type=url_arg, help="query images for --protocol revisited")
     p.add_argument("--ground-truth", metavar="URL", type=url_arg, help="ground-truth JSON for --protocol revisited")
-    p.add_argument("--gallery-model", metavar="CHECKPOINT_URL", type=url_arg,
-                   help="a teacher checkpoint that embeds the gallery: metrics symmetric, asymmetric_ and teacher_")
+    p.add_argument("--gallery-model", metavar="MODEL_URL", type=url_arg,
+                   help="a teacher checkpoint or TorchScript export that embeds the gallery: metrics symmetric, "
+                        "asymmetric_ and teacher_")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint's embedding model, with its preprocessing record")
