@@ -134,6 +134,8 @@ def _not_a_checkpoint(url: str) -> str:
     if latest or best:
         choices = " or ".join(f"{what} {redact(u)}" for what, u in (("its latest checkpoint", latest), ("its best model", best)) if u)
         return f"{redact(url)} is a run folder, not a checkpoint: pass {choices}"
+    if not fs.exists(path):
+        return f"{redact(url)} does not exist: pass a checkpoint directory (a run's best/ or one of its checkpoint_epoch_*)"
     return (
         f"{redact(url)} is not a complete checkpoint (no {MANIFEST}): it was interrupted while being "
         "written or is not a checkpoint directory; resume from an earlier one"

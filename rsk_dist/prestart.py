@@ -70,5 +70,11 @@ def check_data(config: JobConfig) -> str | None:
     if config.teacher is not None:
         from rsk_dist.teacher import check_teacher, load_teacher
 
-        check_teacher(config, *load_teacher(config.teacher))
+        t = config.teacher
+        field = "teacher.checkpoint" if t.checkpoint else "teacher.export" if t.export else "teacher.model.pretrained"
+        try:
+            teacher = load_teacher(t)
+        except (FileNotFoundError, ValueError) as err:  # StorageError and CheckpointError are ValueErrors
+            raise ValueError(f"{field}: {err}") from None
+        check_teacher(config, *teacher)
     return fingerprint

@@ -343,7 +343,7 @@ def test_cli_eval_of_a_real_checkpoint(capsys, tmp_path):
     recall = float(out.split("recall@1:")[1].split()[0])
     assert 0.1 < recall <= 1.0
     assert main(["eval", str(tmp_path / "nothing"), "--data", "digits:test"]) == 2
-    assert "not a complete checkpoint" in capsys.readouterr().err
+    assert "nothing does not exist: pass a checkpoint directory" in capsys.readouterr().err
     assert main(["eval", "x", "--data", "parquet:s3://b"]) == 2
     assert "--data 'parquet:s3://b'" in capsys.readouterr().err
 

@@ -261,11 +261,14 @@ def test_a_teacher_that_does_not_fit_the_job_is_refused_before_any_worker_starts
     with pytest.raises(ValueError, match="16-d but model.dim is 32: set model.dim: 16 .* teacher.map: linear"):
         fit(config)
     assert not ray.is_initialized()
+    missing = load_config(job(tmp_path, loss__asymmetric=True, teacher__checkpoint=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="teacher.checkpoint: .*nothing does not exist: pass a checkpoint directory"):
+        check_data(missing)
     record = json.loads((tmp_path / "teacher.pt.preprocess.json").read_text())
     (tmp_path / "teacher.pt.preprocess.json").write_text(json.dumps({**record, "invert": True}))
     config = load_config(job(tmp_path, loss__asymmetric=True, teacher__export=export, teacher__map="linear"))
     with pytest.raises(ValueError, match="prepared otherwise than this job's: it expects .*invert True.* gives .*invert False"):
         check_data(config)
     (tmp_path / "teacher.pt.preprocess.json").unlink()
-    with pytest.raises(FileNotFoundError, match="preprocess.json is missing"):
+    with pytest.raises(ValueError, match="teacher.export: .*preprocess.json is missing"):
         check_data(config)
