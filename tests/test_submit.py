@@ -95,6 +95,9 @@ class RayHead:
             # ~/.ray/auth_token exists); the job's own driver inherits the token.
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=self.token,
+            # No drain on SIGTERM (Ray's default waits up to 30 s for the node to drain; this
+            # head's own actors keep it busy to the end): stop() tears it down at once.
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
         )
         self.log = open(Path(self.temp_dir) / "ray-start.log", "wb")
         ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
@@ -133,8 +136,8 @@ class RayHead:
             return ""
 
     def stop(self) -> None:
-        # SIGTERM to `ray start --block` alone: it drains the node and stops its processes
-        # (signalling the whole group at once makes it wait ~40 s for a GCS already gone).
+        # SIGTERM to `ray start --block` alone: it stops its processes (signalling the whole
+        # group at once makes it wait ~40 s for a GCS already gone).
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
