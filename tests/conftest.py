@@ -16,7 +16,16 @@ import pytest
 # them) die with it. Here a node has about 5 minutes to answer. What the tests kill is seen
 # without these timeouts: a node removed by Cluster.remove_node unregisters itself, and a killed
 # worker process is noticed by its raylet at once. Not retries: a test that fails still fails.
+# Ray Train's controller waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for a worker group's
+# placement group (the resources only, not the workers' start-up) before it tries again, without
+# counting a failure: after a node is lost it may ask once for resources that went with it
+# (test_ray_train's elastic run), and Ray's 60 s wait for them was most of that test's time.
+# Its controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): each run waits
+# that long to be seen finished or failed, for tiny runs a good part of their time. A poll that
+# takes longer is no failure (a worker is declared hung after 10 minutes).
 for _name, _value in {
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_health_check_period_ms": "10000",
     "RAY_health_check_timeout_ms": "60000",
     "RAY_health_check_failure_threshold": "30",
