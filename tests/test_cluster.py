@@ -347,6 +347,9 @@ def test_local_cluster_runs_the_readme_example_and_stops_clean():
         RSK_CLUSTER_DIR=directory, RSK_GCS_PORT=str(gcs), RSK_DASHBOARD_PORT=str(dash),
         RSK_CLIENT_PORT=str(client), RSK_AGENT_PORT=str(agent),
         HOME=directory,  # a token generated for this cluster, not the user's ~/.ray/auth_token
+        # `stop` SIGTERMs each node's `ray start --block`, which by default first drains its node
+        # for up to 30 s (the head's own actors keep it busy to the end): here it stops at once.
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
     )
     script = ["bash", str(LOCAL_SCRIPT)]
     try:
