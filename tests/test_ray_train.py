@@ -43,30 +43,6 @@ def single_process(config):
     return trainer, reports[-1]
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_two_ray_workers_match_one_process(local_ray, tmp_path):
-    config = job(tmp_path, workers=2)
-    result = fit(config)
-    state = load_state(result["checkpoint"])
-    trainer, expected = single_process(job(tmp_path, workers=1))
-    assert state["epoch"] == 2
-    for name, value in trainer.model.state_dict().items():
-        torch.testing.assert_close(state["model"][name], value, rtol=EXACT, atol=EXACT, msg=lambda m: f"{name}: {m}")
-    moved = sum((state["model"][n] - v).abs().sum() for n, v in Trainer(config, torch.device("cpu")).model.state_dict().items())
-    assert moved > 0.1, "training must move the weights for the comparison to mean anything"
-    # Distributed evaluation (each worker embeds half the test set) of weights equal to EXACT,
-    # embedded in float32: near-ties may flip one of the 602 queries (the exact check, with
-    # identical weights, is in test_distributed.py).
-    for key in ("recall@1", "recall@4", "map@r", "r_precision"):
-        assert result[key] == pytest.approx(expected[key], abs=1.01 / 602), key
-
-
 def test_workers_land_on_both_nodes_of_a_two_node_cluster(tmp_path):
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
@@ -97,22 +73,6 @@ STEPPED = {"data__eval": None, "train__epochs": 1, "train__steps_per_epoch": 3, 
            "run__keep_checkpoints": 5, "run__max_failures": 2}
 
 
-def test_resume_on_other_worker_counts_ends_as_on_two(s3, tmp_path):
-    ray.init(num_cpus=3, include_dashboard=False)  # after s3: workers inherit its AWS_* environment
-    try:
-        storage = s3.url("resize")
-        clean = load_state(fit(job(tmp_path, 2, run__name="w2", run__storage_path=storage, **STEPPED))["checkpoint"])
-        middle = join(storage, "w2", checkpoint_name(0, 1))
-        # 40 images: shards of 40 (W=1) and of 14, 13, 13 (W=3)
-        for workers in (1, 3):
-            cfg = job(tmp_path, workers, run__name=f"from-w2-on-{workers}", run__storage_path=storage, **STEPPED)
-            result = fit(cfg, resume_from=middle)
-            assert result["workers"] == workers
-            assert_same_weights(clean["model"], load_state(result["checkpoint"])["model"])
-    finally:
-        ray.shutdown()
-
-
 def test_elastic_run_loses_a_node_and_ends_as_uninterrupted(s3, tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -135,3 +95,42 @@ def test_elastic_run_loses_a_node_and_ends_as_uninterrupted(s3, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# Module-wide, for the tests below it (the two-node tests above start their own cluster, and
+# pytest ends a module's fixture after the module's last test). After s3: Ray's workers inherit
+# its AWS_* environment.
+@pytest.fixture(scope="module")
+def local_ray(s3):
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_ray_workers_match_one_process(local_ray, tmp_path):
+    config = job(tmp_path, workers=2)
+    result = fit(config)
+    state = load_state(result["checkpoint"])
+    trainer, expected = single_process(job(tmp_path, workers=1))
+    assert state["epoch"] == 2
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(state["model"][name], value, rtol=EXACT, atol=EXACT, msg=lambda m: f"{name}: {m}")
+    moved = sum((state["model"][n] - v).abs().sum() for n, v in Trainer(config, torch.device("cpu")).model.state_dict().items())
+    assert moved > 0.1, "training must move the weights for the comparison to mean anything"
+    # Distributed evaluation (each worker embeds half the test set) of weights equal to EXACT,
+    # embedded in float32: near-ties may flip one of the 602 queries (the exact check, with
+    # identical weights, is in test_distributed.py).
+    for key in ("recall@1", "recall@4", "map@r", "r_precision"):
+        assert result[key] == pytest.approx(expected[key], abs=1.01 / 602), key
+
+
+def test_resume_on_other_worker_counts_ends_as_on_two(s3, local_ray, tmp_path):
+    storage = s3.url("resize")
+    clean = load_state(fit(job(tmp_path, 2, run__name="w2", run__storage_path=storage, **STEPPED))["checkpoint"])
+    middle = join(storage, "w2", checkpoint_name(0, 1))
+    # 40 images: shards of 40 (W=1) and of 14, 13, 13 (W=3)
+    for workers in (1, 3):
+        cfg = job(tmp_path, workers, run__name=f"from-w2-on-{workers}", run__storage_path=storage, **STEPPED)
+        result = fit(cfg, resume_from=middle)
+        assert result["workers"] == workers
+        assert_same_weights(clean["model"], load_state(result["checkpoint"])["model"])
