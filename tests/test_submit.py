@@ -205,7 +205,7 @@ def test_submit_status_logs_until_recall(head, capsys, tmp_path):
         status = out.strip()
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
-        time.sleep(3)
+        time.sleep(1)
     code, logs, _ = _run(capsys, "logs", job_id, "--address", head.address)
     assert code == 0
     assert status == "SUCCEEDED", f"job ended {status}; its logs:\n{logs[-6000:]}"
@@ -263,7 +263,7 @@ def test_submit_then_stop(head, capsys, tmp_path):
     deadline = time.monotonic() + JOB_TIMEOUT_S  # stopped while it trains: its driver gets SIGTERM
     logs = ""
     while "[rsk-dist] epoch" not in logs and time.monotonic() < deadline:
-        time.sleep(2)
+        time.sleep(1)
         _, logs, _ = _run(capsys, "logs", job_id, "--address", head.address)
     assert "[rsk-dist] epoch" in logs, logs[-4000:]
     code, out, err = _run(capsys, "stop", job_id, "--address", head.address)
