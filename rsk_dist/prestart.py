@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from rsk_dist.config import DataSource, JobConfig
-from rsk_dist.storage import StorageError, open_dataset, preflight, redact
+from rsk_dist.storage import StorageError, preflight, redact
 
 
 def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
@@ -30,14 +30,14 @@ def _class_names(spec: DataSource, field: str) -> tuple[list[str], str | None]:
         except (FileNotFoundError, ValueError) as err:
             raise StorageError(f"{field}.url: {err}: fix the path") from None
     try:
-        manifest = preflight(spec.url, need_index=True, split=spec.split)
-        table = open_dataset(spec.url, fast=True).index
+        dataset = preflight(spec.url, need_index=True, split=spec.split)
     except StorageError as err:
         raise StorageError(f"{field}: {err}") from None
-    names = table.column("class_name").to_pylist()
+    assert dataset is not None  # need_index
+    names = dataset.index.column("class_name").to_pylist()
     if spec.split is not None:
-        names = [n for n, s in zip(names, table.column("split").to_pylist()) if s == spec.split]
-    return names, (manifest or {}).get("fingerprint")
+        names = [n for n, s in zip(names, dataset.index.column("split").to_pylist()) if s == spec.split]
+    return names, dataset.manifest.get("fingerprint")
 
 
 def check_data(config: JobConfig) -> str | None:

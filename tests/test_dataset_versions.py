@@ -40,7 +40,7 @@ def _two_versions(tmp_path, s3):
 
 def _old_version_is_whole(url: str, first, old: dict[str, bytes]) -> None:
     assert open_dataset(url).manifest["fingerprint"] == first.fingerprint
-    assert preflight(url, need_index=True)["fingerprint"] == first.fingerprint
+    assert preflight(url, need_index=True).manifest["fingerprint"] == first.fingerprint
     reader = ShardSource(url, "train", image_size=8, train=False, in_channels=1)
     assert reader.read_bytes(torch.arange(len(reader))) == [old[sid] for sid in reader.sample_ids]
     reader.close()

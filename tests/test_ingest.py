@@ -259,7 +259,7 @@ def test_changed_source_needs_overwrite(tmp_path):
         ingest(str(tmp_path / "src"), out, "folders")
     result = ingest(str(tmp_path / "src"), out, "folders", overwrite=True)
     assert result.num_classes == 4 and not result.skipped
-    assert preflight(out, need_index=True)["num_classes"] == 4
+    assert preflight(out, need_index=True).manifest["num_classes"] == 4
 
 
 def test_interrupted_ingest_is_rejected_then_completed_by_a_rerun(tmp_path):
@@ -280,7 +280,7 @@ def test_interrupted_ingest_is_rejected_then_completed_by_a_rerun(tmp_path):
     result = ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=300)
     assert result.shards_written == result.num_shards - 2  # the two stored shards were kept
     assert first_shard.stat().st_mtime_ns == stamp
-    manifest = preflight(str(out), need_index=True)
+    manifest = preflight(str(out), need_index=True).manifest
     assert manifest["num_samples"] == 16 and not (out / PROGRESS).exists()
     marker = json.loads((out / MARKER).read_text())
     assert marker["index"]["sha256"] and marker["index"]["path"] == index_path(result.fingerprint)
@@ -318,7 +318,7 @@ def test_damaged_dataset_is_reported_and_repaired_by_overwrite(tmp_path):
     assert ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=500).skipped  # trusts its marker
     repaired = ingest(str(tmp_path / "src"), str(out), "folders", shard_bytes=500, overwrite=True)
     assert repaired.shards_written == repaired.num_shards == first.num_shards
-    assert preflight(str(out), need_index=True)["fingerprint"] == first.fingerprint
+    assert preflight(str(out), need_index=True).manifest["fingerprint"] == first.fingerprint
 
 
 # --------------------------------------------------------------------------- versions

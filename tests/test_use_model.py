@@ -210,6 +210,8 @@ def test_embed_and_search_refuse_what_they_cannot_use(quickstart, tmp_path, caps
         (["embed", str(tmp_path / "bad" / "y.pt"), "digits:test", "--out", str(tmp_path / "o.npz")],
          "y.pt.preprocess.json: not a preprocessing record"),
         (["eval", str(quickstart.parent / "runs"), "--data", "digits:test"], "not a complete checkpoint"),
+        (["export", str(tmp_path / "bad" / "x.png"), str(tmp_path / "o.pt"), "--format", "torchscript"],
+         "x.png is a file: export takes a checkpoint directory"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

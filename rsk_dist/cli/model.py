@@ -44,9 +44,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise CLIError(f"ONNX export needs {' and '.join(missing)}: pip install onnx onnxscript")
     from rsk_dist.index import JIT_DEPRECATED, RECORD_SUFFIX, EmbeddingModel
 
+    from rsk_dist.storage import filesystem
+
+    fs, path = filesystem(args.checkpoint_url)
+    if fs.isfile(path):  # an export, or no model at all: either way not what export reads
+        raise CLIError(
+            f"{redact(args.checkpoint_url)} is a file: export takes a checkpoint directory (a run's best/ or one "
+            "of its checkpoint_epoch_*)"
+        )
     model = EmbeddingModel(args.checkpoint_url, "cpu", args.image_size)
-    if model.config is None:
-        raise CLIError(f"{redact(args.checkpoint_url)} is an export already: export takes a checkpoint directory")
     pre = model.preprocess
     example = torch.zeros(2, model.config.model.in_channels, pre.size, pre.size)
     buffer = io.BytesIO()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rsk_dist.storage.credentials import protocol_of, redact
-from rsk_dist.storage.dataset import SHARD_DIR, exists, open_dataset, shard_ends
+from rsk_dist.storage.dataset import SHARD_DIR, Dataset, exists, open_dataset, shard_ends
 from rsk_dist.storage.errors import StorageError, explain_error, explain_s3_error
 from rsk_dist.storage.filesystem import filesystem, is_local, join
 
@@ -32,14 +32,15 @@ def _check_s3_bucket(fs: AbstractFileSystem, root: str, url: str, writable: bool
 
 def preflight(
     url: str, need_index: bool, split: str | None = None, writable: bool = False
-) -> dict[str, Any] | None:
+) -> Dataset | None:
     """Checks, in seconds and before any worker starts, that ``url`` can be used.
 
     Always: the storage answers (S3: the endpoint is reachable, the bucket exists, the
     credentials are accepted and may list it). ``writable``: a probe object can be written
     and deleted. ``need_index``: a complete ingested dataset is there (marker, a well-formed
     index, ``split`` among its splits, and every shard it names present and long enough).
-    Returns the dataset's manifest (``need_index``) or None; raises :class:`StorageError`.
+    Returns the opened dataset (``need_index``: its manifest and index, read once) or None;
+    raises :class:`StorageError`.
     """
     fs, root = filesystem(url, fast=True)
     if protocol_of(url) in ("s3", "s3a"):
@@ -92,4 +93,4 @@ def preflight(
             f"malformed dataset at {redact(url)}: the index names {'; '.join(parts)}. The dataset "
             "is damaged: re-run the ingest with overwrite=True."
         )
-    return dataset.manifest
+    return dataset
