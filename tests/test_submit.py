@@ -256,7 +256,7 @@ def test_unreachable_server_is_a_clean_error(capsys):
 
 
 def test_submit_then_stop(head, capsys, tmp_path):
-    code, out, err = _run(capsys, "submit", str(QUICKSTART), "--set", "train.epochs=50",
+    code, out, err = _run(capsys, "submit", str(QUICKSTART), "--set", "train.epochs=50", "--set", "train.log_every=1",
                           "--set", f"run.storage_path={tmp_path}", "--address", head.address, "--no-wait")
     assert code == 0, err
     job_id = out.strip()
