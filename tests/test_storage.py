@@ -219,7 +219,7 @@ def test_preflight_index_without_marker_is_incomplete(s3):
 def test_preflight_accepts_a_well_formed_dataset(s3):
     url = s3.url()
     _write_dataset(url, _table(), {"shards/shard-00000.bin": b"1234", "shards/shard-00001.bin": b"5678"})
-    assert preflight(url, need_index=True, split="train")["fingerprint"] == FINGERPRINT
+    assert preflight(url, need_index=True, split="train").manifest["fingerprint"] == FINGERPRINT
     with pytest.raises(StorageError, match="split 'test' is not in the dataset.*train"):
         preflight(url, need_index=True, split="test")
 

@@ -20,6 +20,8 @@ def test_a_run_folder_is_named_as_such_with_what_to_pass(tmp_path):
     with pytest.raises(CheckpointError, match=f"or its best model {run}/best"):
         load_state(str(run))
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_state(str(run / checkpoint_name(4, 0)))
+    with pytest.raises(CheckpointError, match="nothing does not exist: pass a checkpoint directory"):
         load_state(str(tmp_path / "nothing"))
 
 
